@@ -1,0 +1,56 @@
+# athome-ops: `make demo` and `make test` bootstrap everything they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := openssh-server fail2ban dovecot-imapd
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint unit check bench system-deps venv clean
+
+## Debian packages for the real servers the tests start on loopback (sshd,
+## fail2ban, Dovecot). Installed only when missing and when we are root; no
+## daemon is started by the install (policy-rc.d), the tests start their own.
+system-deps:
+	@missing=""; \
+	command -v /usr/sbin/sshd >/dev/null || missing="$$missing openssh-server"; \
+	command -v fail2ban-server >/dev/null || missing="$$missing fail2ban"; \
+	command -v dovecot >/dev/null || missing="$$missing dovecot-imapd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "Missing system packages:$$missing (install them, or run as root)" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/athome demo
+
+lint: venv
+	$(BIN)/ruff check dispatcher tests bench roles
+	$(BIN)/yamllint -s .
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint -q playbooks roles
+
+check: venv
+	$(BIN)/athome check --config config/athome.example.yml --inventory inventory/production
+
+test: system-deps venv lint check
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: system-deps venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

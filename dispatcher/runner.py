@@ -1,0 +1,242 @@
+"""The ansible-runner bridge: run one playbook for one job, collect per-host results.
+
+The only module that imports ansible_runner. Every run gets a fresh private
+data dir (reusing one leaks extravars between jobs: ansible-runner #493,
+#1440), `suppress_env_files=True`, a timeout, and an artifact dir that is
+scrubbed of the environment ansible-runner records (the `command` file holds
+the whole process environment, secrets included).
+
+Playbooks report what they did with `ansible.builtin.set_stats` under the key
+`athome_report`, one entry per host (`aggregate: true` merges them). That is
+what ops see under CUSTOM STATS when they run a playbook by hand, and what the
+reply templates show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ansible_runner
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOK_DIR = REPO_ROOT / "playbooks"
+REPORT_KEY = "athome_report"
+
+# Files ansible-runner leaves in an artifact dir that can carry the environment
+# or the command line (extravars); they are removed after every run.
+_SENSITIVE_ARTIFACTS = ("command", "env", "fact_cache")
+
+
+@dataclass
+class HostResult:
+    host: str
+    status: str = "ok"  # ok | changed | failed | unreachable | skipped
+    report: dict = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in ("ok", "changed", "skipped")
+
+
+@dataclass
+class PlaybookResult:
+    playbook: str
+    status: str  # successful | failed | timeout | canceled
+    rc: int
+    hosts: dict[str, HostResult] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # play-level errors (no host)
+    elapsed: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "successful" and all(h.succeeded for h in self.hosts.values())
+
+    @property
+    def unreachable(self) -> list[str]:
+        return sorted(h for h, r in self.hosts.items() if r.status == "unreachable")
+
+    @property
+    def failed(self) -> list[str]:
+        return sorted(h for h, r in self.hosts.items() if r.status == "failed")
+
+    def to_dict(self) -> dict:
+        return {
+            "playbook": self.playbook,
+            "status": self.status,
+            "rc": self.rc,
+            "elapsed": round(self.elapsed, 3),
+            "errors": self.errors,
+            "hosts": {
+                h: {"status": r.status, "report": r.report, "errors": r.errors}
+                for h, r in sorted(self.hosts.items())
+            },
+        }
+
+
+def base_envvars(control_path_dir: str | None = None) -> dict[str, str]:
+    """Environment for ansible-playbook: UTF-8 locale, pipelining, isolated ssh sockets."""
+    env = {
+        "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
+    if control_path_dir:
+        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = control_path_dir
+    return env
+
+
+def run_playbook(
+    playbook: str,
+    *,
+    inventory: str | os.PathLike,
+    extravars: dict | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    timeout: int = 900,
+    forks: int = 20,
+    artifacts_dir: str | os.PathLike | None = None,
+    ident: str | None = None,
+    envvars: dict[str, str] | None = None,
+) -> PlaybookResult:
+    """Run playbooks/<playbook> and return what happened on each host.
+
+    `artifacts_dir` keeps the (scrubbed) stdout and job events of the run under
+    artifacts_dir/<ident>; without it nothing is kept.
+    """
+    started = time.monotonic()
+    path = PLAYBOOK_DIR / playbook
+    if not path.is_file():
+        raise FileNotFoundError(f"no playbook {path}")
+    cmdline = []
+    if check:
+        cmdline.append("--check")
+    if diff:
+        cmdline.append("--diff")
+    # ansible-runner starts `ansible-playbook` from PATH: make it the one next
+    # to this interpreter even when the venv is not activated.
+    bindir = os.path.dirname(sys.executable)
+    with tempfile.TemporaryDirectory(prefix="athome-run-") as pdd:
+        cp_dir = tempfile.mkdtemp(prefix="cp-", dir=pdd)
+        env = base_envvars(cp_dir)
+        env.update(envvars or {})
+        env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        artifact_root = os.path.join(pdd, "artifacts")
+        runner = ansible_runner.run(
+            private_data_dir=pdd,
+            project_dir=str(REPO_ROOT),
+            playbook=str(path),
+            inventory=str(Path(inventory).resolve()),
+            extravars=extravars or {},
+            limit=limit,
+            forks=forks,
+            cmdline=" ".join(cmdline) or None,
+            envvars=env,
+            artifact_dir=artifact_root,
+            ident=ident,
+            quiet=True,
+            suppress_env_files=True,
+            timeout=timeout,
+        )
+        result = _collect(playbook, runner)
+        _close_control_masters(cp_dir)
+        if artifacts_dir is not None:
+            _keep_artifacts(Path(runner.config.artifact_dir), Path(artifacts_dir))
+    result.elapsed = time.monotonic() - started
+    log.info(
+        "playbook %s finished: status=%s rc=%s hosts=%s in %.1fs",
+        playbook, result.status, result.rc,
+        {h: r.status for h, r in result.hosts.items()}, result.elapsed,
+    )
+    return result
+
+
+def _collect(playbook: str, runner) -> PlaybookResult:
+    result = PlaybookResult(playbook=playbook, status=runner.status, rc=runner.rc)
+    stats = runner.stats or {}
+
+    def host(name: str) -> HostResult:
+        return result.hosts.setdefault(name, HostResult(name))
+
+    for name in stats.get("processed", {}):
+        host(name)
+    for name in stats.get("changed", {}):
+        host(name).status = "changed"
+    for name in stats.get("failures", {}):
+        host(name).status = "failed"
+    for name in stats.get("dark", {}):
+        host(name).status = "unreachable"
+    for ev in runner.events:
+        kind = ev.get("event")
+        data = ev.get("event_data", {})
+        if kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            res = data.get("res", {}) or {}
+            msg = res.get("msg") or res.get("stderr") or res.get("module_stderr") or "failed"
+            host(data.get("host", "?")).errors.append(f"{data.get('task', '').strip()}: {msg}")
+        elif kind == "playbook_on_stats":
+            report = (data.get("artifact_data") or {}).get(REPORT_KEY) or {}
+            for name, entry in report.items():
+                host(name).report = entry if isinstance(entry, dict) else {"value": entry}
+        elif kind == "error" or (kind == "verbose" and "ERROR!" in ev.get("stdout", "")):
+            result.errors.append(ev.get("stdout", "").strip())
+    if runner.status == "timeout":
+        result.errors.append("the playbook ran past its time limit and was stopped")
+    if result.rc != 0 and not result.hosts and not result.errors:
+        # ansible-playbook failed before any host (syntax, inventory, assert on
+        # localhost...): keep the tail of its output for the reply and the log.
+        tail = [line for line in runner.stdout.read().splitlines() if line.strip()][-5:]
+        result.errors.append("\n".join(tail) or f"ansible-playbook exited with {result.rc}")
+    return result
+
+
+def _close_control_masters(cp_dir: str) -> None:
+    """End the ControlPersist ssh masters this run opened (they hold sockets in cp_dir)."""
+    for sock in Path(cp_dir).glob("*"):
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+
+
+def _keep_artifacts(src: Path, dest_root: Path) -> None:
+    dest = dest_root / src.name
+    for name in _SENSITIVE_ARTIFACTS:
+        target = src / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
+    dest_root.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+
+
+def prune_artifacts(root: str | os.PathLike, max_age_days: float) -> int:
+    """Remove kept artifact dirs older than max_age_days; returns how many went."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - max_age_days * 86400
+    removed = 0
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed

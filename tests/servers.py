@@ -1,0 +1,538 @@
+"""Real servers on loopback for the integration tests.
+
+Each class starts one real daemon bound to 127.0.0.1 under a short scratch
+directory (Unix socket paths must stay under 108 bytes) and stops it again.
+The recipes in ../shared/recipes/ describe how each one was verified.
+
+Nothing here talks to any address but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout}s")
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A scratch dir with a short path, readable by the daemons' own users."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+# --------------------------------------------------------------------------- sshd
+
+
+@dataclass
+class SSHKeys:
+    """Host and client keys shared by every sshd instance of a test session."""
+
+    base: Path
+
+    def __post_init__(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.host_key = self.base / "host_ed25519_key"
+        self.client_key = self.base / "id_ed25519"
+        self.authorized_keys = self.base / "authorized_keys"
+        self.known_hosts = self.base / "known_hosts"
+        for key in (self.host_key, self.client_key):
+            if not key.exists():
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+                )
+        shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
+        self.authorized_keys.chmod(0o600)
+        self.known_hosts.write_text("")
+
+    def trust(self, port: int) -> None:
+        host_pub = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
+        with self.known_hosts.open("a") as f:
+            f.write(f"[{LOOPBACK}]:{port} {host_pub}\n")
+
+
+class SSHD:
+    """One sshd on 127.0.0.1:port, key-only root login (recipe 02)."""
+
+    def __init__(self, keys: SSHKeys, port: int | None = None):
+        self.keys = keys
+        self.port = port or free_port()
+        self.config = keys.base / f"sshd_{self.port}.conf"
+        self.log = keys.base / f"sshd_{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        keys.trust(self.port)
+
+    def start(self) -> SSHD:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    f"ListenAddress {LOOPBACK}",
+                    f"HostKey {self.keys.host_key}",
+                    f"PidFile {self.keys.base}/sshd_{self.port}.pid",
+                    f"AuthorizedKeysFile {self.keys.authorized_keys}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "MaxSessions 100",
+                    "MaxStartups 100:30:200",
+                    "Subsystem sftp internal-sftp",
+                    "LogLevel VERBOSE",
+                    "",
+                ]
+            )
+        )
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def ansible_vars(self) -> dict:
+        """Connection host vars for an inventory alias served by this sshd."""
+        return {
+            "ansible_host": LOOPBACK,
+            "ansible_port": self.port,
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(self.keys.client_key),
+            "ansible_ssh_common_args": (
+                f"-F /dev/null -o UserKnownHostsFile={self.keys.known_hosts} "
+                "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+            ),
+        }
+
+
+# ----------------------------------------------------------------------- fail2ban
+
+
+class Fail2ban:
+    """A self-contained fail2ban-server with its own config dir (recipe 03).
+
+    Jails `asterisk` and `sshd` use a no-op action that only appends +ip/-ip to
+    DIR/actions.log, so no firewall is touched.
+    """
+
+    JAILS = ("asterisk", "sshd")
+
+    def __init__(self, confdir: Path, ignoreip: str = "127.0.0.1/8 ::1"):
+        self.dir = Path(confdir)
+        self.ignoreip = ignoreip
+        self.proc: subprocess.Popen | None = None
+        self.sock = self.dir / "fail2ban.sock"
+        assert len(str(self.sock)) < 100, f"socket path too long: {self.sock}"
+
+    def write_config(self) -> None:
+        d = self.dir
+        for sub in ("filter.d", "action.d", "jail.d", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "fail2ban.conf").write_text(
+            "[Definition]\nloglevel = INFO\n"
+            f"logtarget = {d}/fail2ban.log\nsocket = {d}/fail2ban.sock\n"
+            f"pidfile = {d}/fail2ban.pid\ndbfile = :memory:\ndbpurgeage = 1d\n"
+            "syslogsocket = auto\nallowipv6 = auto\n"
+        )
+        (d / "filter.d" / "proto.conf").write_text(
+            "[Definition]\nfailregex = ^.* auth failure from <HOST>\\s*$\nignoreregex =\n"
+        )
+        (d / "action.d" / "proto-noop.conf").write_text(
+            "[Definition]\nactionstart =\nactionstop =\nactioncheck =\n"
+            'actionban = echo "+<ip>" >> <target>\nactionunban = echo "-<ip>" >> <target>\n'
+            "[Init]\ntarget = /dev/null\n"
+        )
+        jails = "".join(
+            f"\n[{j}]\nenabled = true\nfilter = proto\nlogpath = {d}/log/{j}.log\n"
+            for j in self.JAILS
+        )
+        (d / "jail.local").write_text(
+            "[DEFAULT]\nbackend = polling\n"
+            f"ignoreip = {self.ignoreip}\n"
+            "bantime = 1h\nfindtime = 10m\nmaxretry = 3\n"
+            f'action = proto-noop[target="{d}/actions.log"]\n' + jails
+        )
+        for j in self.JAILS:
+            (d / "log" / f"{j}.log").touch()
+
+    def start(self) -> Fail2ban:
+        if not (self.dir / "jail.local").exists():
+            self.write_config()
+        self.proc = subprocess.Popen(
+            ["fail2ban-server", "-f", "-x", "-c", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fail2ban-server exited with {self.proc.returncode}")
+            if self.client("ping", check=False).returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise TimeoutError("fail2ban-server did not answer ping")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.client("stop", check=False)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc)
+        self.proc = None
+
+    def client(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["fail2ban-client", "-c", str(self.dir), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+        )
+
+    # Helpers the tests use to set up and read real state.
+    def ban(self, jail: str, ip: str) -> None:
+        self.client("set", jail, "banip", ip)
+
+    def banned_jails(self, ip: str) -> list[str]:
+        import ast
+
+        return ast.literal_eval(self.client("banned", ip).stdout.strip())[0]
+
+    def ignore_list(self, jail: str) -> list[str]:
+        out = self.client("get", jail, "ignoreip").stdout
+        return [
+            line.split(" ", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith(("|- ", "`- "))
+        ]
+
+
+# ------------------------------------------------------------------------ Dovecot
+
+
+class Dovecot:
+    """Dovecot IMAP on loopback: plain+STARTTLS and IMAPS, passwd-file users (recipe 04)."""
+
+    def __init__(self, base: Path, users: dict[str, str]):
+        self.base = Path(base)
+        self.users = users
+        self.imap_port = free_port()
+        self.imaps_port = free_port()
+        self.conf = self.base / "dovecot.conf"
+        self.cert = self.base / "tls" / "cert.pem"
+        self.key = self.base / "tls" / "key.pem"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Dovecot:
+        b = self.base
+        for sub in ("run", "mail", "tls"):
+            (b / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(b / "mail", "nobody", "nogroup")
+        make_cert(self.cert, self.key)
+        users = b / "users"
+        users.write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in self.users.items()))
+        shutil.chown(users, "root", "dovecot")
+        users.chmod(0o640)
+        self.conf.write_text(
+            f"""instance_name = athome-test-{self.imap_port}
+base_dir = {b}/run
+state_dir = {b}/run/state
+protocols = imap
+listen = {LOOPBACK}
+log_path = {b}/dovecot.log
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={b}/mail/%d/%n
+}}
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+  mailbox Processed {{
+    auto = create
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 100
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {LOOPBACK}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    address = {LOOPBACK}
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+}}
+"""
+        )
+        self.proc = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.imap_port, proc=self.proc)
+        wait_port(self.imaps_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def deliver(self, user: str, raw: bytes) -> None:
+        """Deliver a message the way the MTA would (dovecot-lda)."""
+        subprocess.run(
+            ["/usr/lib/dovecot/dovecot-lda", "-c", str(self.conf), "-d", user],
+            input=raw,
+            check=True,
+            timeout=30,
+        )
+
+    def fetch_flags(self, user: str, mailbox: str = "INBOX") -> list[str]:
+        out = subprocess.run(
+            ["doveadm", "-c", str(self.conf), "fetch", "-u", user, "flags", "mailbox", mailbox, "all"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("flags:")]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+def make_cert(cert: Path, key: Path) -> None:
+    if cert.exists():
+        return
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", f"subjectAltName=DNS:localhost,IP:{LOOPBACK}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+@dataclass
+class SMTPSink:
+    """aiosmtpd on loopback that records what it receives (recipe 05).
+
+    With `login`/`password`, the server requires STARTTLS and AUTH like a real
+    submission server does.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    login: str | None = None
+    password: str | None = None
+    port: int = field(default_factory=free_port)
+    messages: list = field(default_factory=list)
+    down: bool = False
+
+    def start(self) -> SMTPSink:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                if sink.down:
+                    return "451 4.3.0 temporarily unavailable (test)"
+                raw = envelope.original_content or envelope.content
+                sink.messages.append(
+                    (envelope.mail_from, list(envelope.rcpt_tos), email.message_from_bytes(raw))
+                )
+                return "250 Message accepted for delivery"
+
+        kwargs: dict = {}
+        if self.login:
+            srv_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            srv_ctx.load_cert_chain(str(self.cert), str(self.key))
+
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = (
+                    isinstance(auth_data, LoginPassword)
+                    and auth_data.login == self.login.encode()
+                    and auth_data.password == self.password.encode()
+                )
+                return AuthResult(success=ok, handled=False)
+
+            kwargs = dict(
+                tls_context=srv_ctx,
+                require_starttls=True,
+                authenticator=authenticator,
+                auth_require_tls=True,
+            )
+        self.controller = Controller(Handler(), hostname=LOOPBACK, port=self.port, **kwargs)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+class SeaweedS3:
+    """SeaweedFS `weed mini` on loopback: a real S3 API that checks signatures (recipe 06)."""
+
+    ACCESS_KEY = "athome-test-access"
+    SECRET_KEY = "athome-test-secret-not-real"  # only for this loopback test server
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> SeaweedS3:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        (self.base / "weed").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        self.filer_port = ports["filer"]
+        self.proc = subprocess.Popen(
+            [
+                weed, "mini", f"-dir={self.base}/weed", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                f"-s3.port={self.port}", f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+                "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+            ],
+            env=env,
+            stdout=(self.base / "weed.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(self.port, timeout=60, proc=self.proc)
+        client = self.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list_buckets()
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=15)
+        self.proc = None
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+        )
+
+
+# ---------------------------------------------------------------------- inventory
+
+
+def write_inventory(path: Path, groups: dict[str, dict[str, dict]], all_vars: dict | None = None) -> Path:
+    """Write a YAML inventory: {group: {host: hostvars}}; a host may sit in several groups."""
+    children = {g: {"hosts": {h: (v or {}) for h, v in hosts.items()}} for g, hosts in groups.items()}
+    data = {"all": {"vars": all_vars or {}, "children": children}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def target_python() -> str:
+    """The interpreter Ansible uses on loopback targets (not the pyenv shim, recipe 07)."""
+    return "/usr/bin/python3"
+
+
+def pyenv_python(version: str) -> str:
+    """An old target interpreter shipped on this image (Python 2.7 / 3.6) for module tests."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    major = version.split(".")[0]
+    matches = sorted(Path(root, "versions").glob(f"{version}*/bin/python{major}"))
+    if not matches:
+        raise FileNotFoundError(f"no Python {version} under {root}/versions (pyenv install {version})")
+    return str(matches[-1])
