@@ -159,8 +159,11 @@ def run_playbook(
     result.elapsed = time.monotonic() - started
     log.info(
         "playbook %s finished: status=%s rc=%s hosts=%s in %.1fs",
-        playbook, result.status, result.rc,
-        {h: r.status for h, r in result.hosts.items()}, result.elapsed,
+        playbook,
+        result.status,
+        result.rc,
+        {h: r.status for h, r in result.hosts.items()},
+        result.elapsed,
     )
     return result
 

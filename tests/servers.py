@@ -82,9 +82,7 @@ class SSHKeys:
         self.known_hosts = self.base / "known_hosts"
         for key in (self.host_key, self.client_key):
             if not key.exists():
-                subprocess.run(
-                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-                )
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
         self.authorized_keys.chmod(0o600)
         self.known_hosts.write_text("")
@@ -194,8 +192,7 @@ class Fail2ban:
             "[Init]\ntarget = /dev/null\n"
         )
         jails = "".join(
-            f"\n[{j}]\nenabled = true\nfilter = proto\nlogpath = {d}/log/{j}.log\n"
-            for j in self.JAILS
+            f"\n[{j}]\nenabled = true\nfilter = proto\nlogpath = {d}/log/{j}.log\n" for j in self.JAILS
         )
         (d / "jail.local").write_text(
             "[DEFAULT]\nbackend = polling\n"
@@ -252,11 +249,7 @@ class Fail2ban:
 
     def ignore_list(self, jail: str) -> list[str]:
         out = self.client("get", jail, "ignoreip").stdout
-        return [
-            line.split(" ", 1)[1].strip()
-            for line in out.splitlines()
-            if line.startswith(("|- ", "`- "))
-        ]
+        return [line.split(" ", 1)[1].strip() for line in out.splitlines() if line.startswith(("|- ", "`- "))]
 
 
 # ------------------------------------------------------------------------ Dovecot
@@ -368,9 +361,22 @@ def make_cert(cert: Path, key: Path) -> None:
         return
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-            "-addext", f"subjectAltName=DNS:localhost,IP:{LOOPBACK}",
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            f"subjectAltName=DNS:localhost,IP:{LOOPBACK}",
         ],
         check=True,
         capture_output=True,
@@ -471,11 +477,20 @@ class SeaweedS3:
         self.filer_port = ports["filer"]
         self.proc = subprocess.Popen(
             [
-                weed, "mini", f"-dir={self.base}/weed", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-                f"-s3.port={self.port}", f"-master.port={ports['master']}",
-                f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-                "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",
+                weed,
+                "mini",
+                f"-dir={self.base}/weed",
+                f"-ip={LOOPBACK}",
+                f"-ip.bind={LOOPBACK}",
+                f"-s3.port={self.port}",
+                f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}",
+                f"-filer.port={ports['filer']}",
+                "-admin.ui=false",
+                "-webdav=false",
+                "-master.telemetry=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
             ],
             env=env,
             stdout=(self.base / "weed.log").open("ab"),

@@ -1,0 +1,252 @@
+"""`athome`: the command line. Builds a Config, sets up logging, calls one thing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dispatcher import __version__, commands, config, inventory, runner
+from dispatcher.auth import TokenStore
+from dispatcher.errors import AthomeError, ConfigError
+
+log = logging.getLogger("dispatcher")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+
+
+def _dispatcher(args):
+    from dispatcher.service import Dispatcher
+
+    cfg = config.load(args.config)
+    if cfg.secret_problems:
+        raise ConfigError(cfg.secret_problems)
+    d = Dispatcher(cfg)
+    for action in d.recover():
+        log.warning("recovered: %s", action)
+    return d
+
+
+# ----------------------------------------------------------------- commands
+
+
+def cmd_check(args) -> int:
+    """Validate config and inventory; print every problem; exit 1 if any."""
+    problems: list[str] = []
+    cfg = None
+    if args.config or not args.inventory:
+        try:
+            cfg = config.load(args.config)
+            problems += cfg.secret_problems
+        except ConfigError as exc:
+            problems += exc.problems
+    inv_path = Path(args.inventory) if args.inventory else (cfg.inventory if cfg else None)
+    if inv_path is not None:
+        try:
+            inv = inventory.load(inv_path)
+            problems += [f"inventory: {p}" for p in inv.problems()]
+        except ConfigError as exc:
+            problems += [f"inventory: {p}" for p in exc.problems]
+        except Exception as exc:  # ansible's own parse errors
+            problems.append(f"inventory {inv_path}: {exc}")
+    for spec in commands.COMMANDS.values():
+        if spec.playbook and not (runner.PLAYBOOK_DIR / spec.playbook).is_file():
+            problems.append(f"command {spec.name}: playbook playbooks/{spec.playbook} is missing")
+    if cfg is not None:
+        store = TokenStore(cfg.tokens_file)
+        try:
+            if not any(e.enabled for e in store.entries()):
+                problems.append(f"auth.tokens_file {cfg.tokens_file}: no enabled token (athome token add)")
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"auth.tokens_file {cfg.tokens_file}: unreadable: {exc}")
+        if cfg.senders_file and not cfg.senders_file.is_file():
+            problems.append(f"auth.senders_file {cfg.senders_file}: does not exist")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) found")
+        return 1
+    print("OK: configuration and inventory are valid")
+    return 0
+
+
+def cmd_poll(args) -> int:
+    d = _dispatcher(args)
+    while True:
+        counts = d.poll_once()
+        log.info("intake pass: %s", counts)
+        if args.once:
+            return 0
+        time.sleep(d.cfg.poll_interval)
+
+
+def cmd_work(args) -> int:
+    d = _dispatcher(args)
+    while True:
+        n = d.work_once()
+        log.info("work pass: %d job(s)", n)
+        if args.once:
+            return 0
+        time.sleep(d.cfg.poll_interval)
+
+
+def cmd_run(args) -> int:
+    d = _dispatcher(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("athome %s running: intake and work every %ss", __version__, d.cfg.poll_interval)
+    d.run_forever(stop)
+    log.info("stopped")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dispatcher import demo
+
+    return demo.main(Path(args.dir))
+
+
+def _tokens(args) -> TokenStore:
+    if args.tokens_file:
+        return TokenStore(args.tokens_file)
+    return TokenStore(config.load(args.config).tokens_file)
+
+
+def cmd_token(args) -> int:
+    store = _tokens(args)
+    if args.action == "add":
+        cmds = [c.strip().upper() for c in args.commands.split(",")] if args.commands else None
+        unknown = [c for c in cmds or [] if c not in commands.COMMANDS]
+        if unknown:
+            raise AthomeError(f"unknown command(s): {', '.join(unknown)}")
+        entry, token = store.add(args.description, commands=cmds, admin=args.admin)
+        print(f"Token {entry.id} created for {entry.description!r}: {token}")
+        print("It is shown only now; only its hash is stored.")
+    elif args.action == "list":
+        for e in store.entries():
+            scope = ",".join(e.commands) if e.commands else "all"
+            state = "enabled" if e.enabled else "disabled"
+            print(f"{e.id}\t{state}\t{'admin' if e.admin else '-'}\t{scope}\t{e.description}")
+    elif args.action in ("disable", "enable"):
+        e = store.set_enabled(args.id, args.action == "enable")
+        print(f"{e.id} {args.action}d")
+    elif args.action == "import":
+        for note in store.import_legacy(args.file, allow_weak=args.allow_weak):
+            print(note)
+    return 0
+
+
+def cmd_queue(args) -> int:
+    from dispatcher.jobqueue import STATES, DirQueue
+
+    cfg = config.load(args.config)
+    q = DirQueue(cfg.queue_dir, cfg.max_attempts)
+    if args.queue_cmd == "list":
+        for state in [args.state] if args.state else STATES:
+            for job in q.list(state):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created))
+                print(
+                    f"{job.id}\t{state}\t{when}\t{job.attempts}/{job.max_attempts}\t"
+                    f"{job.payload.get('requester', '')}\t{job.payload.get('command_text', '')}"
+                )
+        bad = q.quarantined()
+        if bad:
+            print(f"{len(bad)} quarantined record(s) in {q.root / 'quarantine'}: {', '.join(bad)}")
+    elif args.queue_cmd == "show":
+        job = q.get(args.id)
+        print(
+            json.dumps(
+                {"id": job.id, "state": job.state, **json.loads(job.to_json())}, indent=2, ensure_ascii=False
+            )
+        )
+    elif args.queue_cmd == "retry":
+        job = q.retry_failed(args.id)
+        print(f"{job.id} is pending again")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="athome", description="athome-ops dispatcher")
+    p.add_argument("--config", help="config file (default: $ATHOME_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"athome {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="validate config and inventory, report every problem")
+    c.add_argument("--inventory", help="check this inventory (alone, when no --config is given)")
+    c.set_defaults(func=cmd_check)
+
+    c = sub.add_parser("poll", help="read the mailbox: queue commands, answer at once")
+    c.add_argument("--once", action="store_true", help="one pass, then exit")
+    c.set_defaults(func=cmd_poll)
+
+    c = sub.add_parser("work", help="run queued jobs and send the results")
+    c.add_argument("--once", action="store_true", help="drain the queue once, then exit")
+    c.set_defaults(func=cmd_work)
+
+    c = sub.add_parser("run", help="poll and work continuously (the service)")
+    c.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("demo", help="run the whole product end to end on local sandbox hosts")
+    c.add_argument("--dir", default=".demo", help="where the demo keeps its files (default .demo)")
+    c.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("token", help="manage command tokens (stored hashed)")
+    c.add_argument("--tokens-file", help="tokens file (default: auth.tokens_file of the config)")
+    ts = c.add_subparsers(dest="action", required=True)
+    a = ts.add_parser("add", help="create a random token; printed once")
+    a.add_argument("--description", required=True)
+    a.add_argument("--commands", help="comma-separated commands it may run (default: all)")
+    a.add_argument("--admin", action="store_true", help="may run admin-only commands")
+    ts.add_parser("list")
+    for name in ("disable", "enable"):
+        x = ts.add_parser(name)
+        x.add_argument("id")
+    x = ts.add_parser("import", help="import the legacy tokens.json")
+    x.add_argument("file")
+    x.add_argument("--allow-weak", action="store_true", help="keep guessable tokens enabled")
+    c.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("queue", help="inspect and repair the job queue")
+    qs = c.add_subparsers(dest="queue_cmd", required=True)
+    x = qs.add_parser("list")
+    x.add_argument("--state", choices=["pending", "processing", "done", "failed"])
+    x = qs.add_parser("show")
+    x.add_argument("id")
+    x = qs.add_parser("retry", help="put a failed job back in the queue")
+    x.add_argument("id")
+    c.set_defaults(func=cmd_queue)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"PROBLEM: {problem}", file=sys.stderr)
+        return 2
+    except AthomeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

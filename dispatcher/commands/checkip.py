@@ -1,0 +1,27 @@
+"""CHECKIP=<ip>: unban an address on every fail2ban server and whitelist it there.
+
+Playbook: playbooks/unban.yml (role fail2ban_whitelist). Reply: templates/checkip.*.j2.
+"""
+
+from __future__ import annotations
+
+from dispatcher import grammar
+from dispatcher.commands.base import Command, CommandSpec
+
+
+class CheckIP(CommandSpec):
+    name = "CHECKIP"
+    summary = "Desbloqueia um IP no fail2ban de todos os servidores e o coloca na lista de liberados."
+    syntax = "CHECKIP=<endereço IPv4 ou IPv6>"
+    example = "CHECKIP=3.3.3.3"
+    playbook = "unban.yml"
+    template = "checkip"
+
+    def parse(self, text, ctx):
+        pairs = grammar.split_keywords(text, self.example)
+        fields = grammar.keyword_map(pairs, ("CHECKIP",), (), self.example, self.name)
+        ip = grammar.parse_ip(fields["CHECKIP"], self.example, self.name)
+        return Command(self.name, {"ip": ip}, f"CHECKIP={ip}")
+
+    def extravars(self, cmd, request_id, requester):
+        return {"ip": cmd.params["ip"], "request_id": request_id}

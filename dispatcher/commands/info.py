@@ -1,0 +1,37 @@
+"""HELP and STATUS <id>: answered by the dispatcher itself, no playbook."""
+
+from __future__ import annotations
+
+from dispatcher import grammar
+from dispatcher.commands.base import Command, CommandSpec
+from dispatcher.errors import GrammarError
+
+
+class Help(CommandSpec):
+    name = "HELP"
+    summary = "Responde com a lista de comandos e exemplos."
+    syntax = "HELP"
+    example = "HELP"
+    template = "help"
+
+    def parse(self, text, ctx):
+        if text.strip().upper() not in ("HELP", "AJUDA"):
+            raise GrammarError("HELP não recebe parâmetros.", self.example, self.name)
+        return Command(self.name, {}, "HELP")
+
+
+class Status(CommandSpec):
+    name = "STATUS"
+    summary = "Mostra a situação de um pedido pelo seu identificador."
+    syntax = "STATUS <identificador do pedido>"
+    example = "STATUS 20251111_171215_482913_a1"
+    template = "status"
+
+    def parse(self, text, ctx):
+        parts = text.split()
+        if len(parts) != 2:
+            raise GrammarError(
+                "STATUS recebe exatamente um identificador de pedido.", self.example, self.name
+            )
+        request_id = grammar.parse_request_id(parts[1], self.example)
+        return Command(self.name, {"request_id": request_id}, f"STATUS {request_id}")

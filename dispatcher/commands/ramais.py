@@ -1,0 +1,56 @@
+"""RAMAIS=<ramais> SERVER=<host> INICIO=<data hora> FIM=<data hora>: call recordings.
+
+Where the recordings live is the server's `audios_from` host var; the playbook
+(playbooks/recordings.yml, role recordings) routes on it, not Python.
+Reply: templates/ramais.*.j2.
+"""
+
+from __future__ import annotations
+
+from dispatcher import grammar
+from dispatcher.commands.base import Command, CommandSpec
+
+SIP_GROUP = "sip_servers"
+ISO = "%Y-%m-%d %H:%M"
+
+
+class Ramais(CommandSpec):
+    name = "RAMAIS"
+    summary = "Separa as gravações de chamadas de ramais num período e envia um link para o ZIP."
+    syntax = "RAMAIS=<ramal>[,<ramal>...] SERVER=<servidor> INICIO=DD/MM/AAAA HH:MM FIM=DD/MM/AAAA HH:MM"
+    example = "RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
+    playbook = "recordings.yml"
+    template = "ramais"
+
+    def parse(self, text, ctx):
+        pairs = grammar.split_keywords(text, self.example)
+        fields = grammar.keyword_map(
+            pairs, ("RAMAIS", "SERVER", "INICIO", "FIM"), (), self.example, self.name
+        )
+        extensions = grammar.parse_extensions(fields["RAMAIS"], self.example, self.name)
+        server = grammar.parse_host(fields["SERVER"], ctx, SIP_GROUP, self.example, self.name)
+        start, end = grammar.parse_window(
+            fields["INICIO"], fields["FIM"], ctx.max_window_days, self.example, self.name
+        )
+        params = {
+            "extensions": list(extensions),
+            "server": server,
+            "start": start.strftime(ISO),
+            "end": end.strftime(ISO),
+        }
+        text = (
+            f"RAMAIS={','.join(extensions)} SERVER={server} "
+            f"INICIO={start.strftime(grammar.DATE_FORMAT)} FIM={end.strftime(grammar.DATE_FORMAT)}"
+        )
+        return Command(self.name, params, text)
+
+    def extravars(self, cmd, request_id, requester):
+        p = cmd.params
+        return {
+            "server": p["server"],
+            "extensions": p["extensions"],
+            "start": p["start"],
+            "end": p["end"],
+            "request_id": request_id,
+            "requester": requester,
+        }

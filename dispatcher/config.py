@@ -1,0 +1,243 @@
+"""The configuration file: one YAML document, secrets only by reference.
+
+`--config PATH` or ATHOME_CONFIG. Relative paths in the file are relative to
+the file's own directory. Passwords are never written in the file: each
+secret is named by `<name>_env` (an environment variable) or `<name>_file`
+(a file outside the repository). `load()` reads the secrets once and removes
+the environment variables from os.environ, so child processes (ansible,
+ssh) and ansible-runner's artifacts never see them.
+
+See config/athome.example.yml for every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dispatcher.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECURITY = ("tls", "starttls", "plain")
+# Secrets taken out of os.environ by load(), so a second load in the same process still finds them.
+_TAKEN: dict[str, str] = {}
+
+
+@dataclass
+class IMAPSettings:
+    host: str = ""
+    port: int = 993
+    security: str = "tls"
+    user: str = ""
+    password: str = field(default="", repr=False)
+    folder: str = "INBOX"
+    processed_folder: str = ""  # move handled messages there; empty: only flag them \Seen
+    cafile: str = ""
+    timeout: int = 60
+
+
+@dataclass
+class SMTPSettings:
+    host: str = ""
+    port: int = 587
+    security: str = "starttls"
+    user: str = ""
+    password: str = field(default="", repr=False)
+    cafile: str = ""
+    timeout: int = 60
+
+
+@dataclass
+class Config:
+    path: Path | None = None
+    state_dir: Path = Path("/var/lib/athome")
+    inventory: Path = REPO_ROOT / "inventory" / "production"
+    transport: str = "imap"  # imap (IMAP in, SMTP out) | maildir (embedded, for the demo)
+    imap: IMAPSettings = field(default_factory=IMAPSettings)
+    smtp: SMTPSettings = field(default_factory=SMTPSettings)
+    maildir_inbox: Path | None = None
+    maildir_outbox: Path | None = None
+    from_address: str = ""
+    admin_addresses: list[str] = field(default_factory=list)
+    senders: list[str] = field(default_factory=list)
+    senders_file: Path | None = None
+    tokens_file: Path = Path("/etc/athome/tokens.json")
+    max_window_days: int = 31
+    max_attempts: int = 3
+    retry_backoff: list[int] = field(default_factory=lambda: [60, 300, 900])
+    playbook_timeout: int = 900
+    artifacts_max_age_days: float = 14.0
+    poll_interval: float = 30.0
+    brand: str = "ATHome"
+    secret_problems: list[str] = field(default_factory=list)
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.state_dir / "queue"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / "outbox"
+
+    @property
+    def seen_dir(self) -> Path:
+        return self.state_dir / "seen"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.state_dir / "artifacts"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+
+def _secret(section: dict[str, Any], name: str, where: str, problems: list[str]) -> str:
+    if name in section:
+        problems.append(
+            f"{where}.{name}: secrets are not accepted in the config file; "
+            f"use {name}_env (environment variable) or {name}_file (a file outside the repo)"
+        )
+        return ""
+    env_name = section.get(f"{name}_env")
+    file_name = section.get(f"{name}_file")
+    if env_name:
+        value = os.environ.pop(env_name, None)
+        if value is not None:
+            _TAKEN[env_name] = value
+        value = _TAKEN.get(env_name)
+        if value is None:
+            problems.append(f"{where}.{name}_env: environment variable {env_name} is not set")
+            return ""
+        return value
+    if file_name:
+        try:
+            return Path(file_name).expanduser().read_text().strip()
+        except OSError as exc:
+            problems.append(f"{where}.{name}_file: cannot read {file_name}: {exc.strerror}")
+            return ""
+    return ""
+
+
+def _path(base: Path, value: Any) -> Path | None:
+    if value in (None, ""):
+        return None
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate the config; ConfigError lists every problem found."""
+    path = path or os.environ.get("ATHOME_CONFIG")
+    if not path:
+        raise ConfigError(["no configuration: pass --config PATH or set ATHOME_CONFIG"])
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    return from_dict(data, base=path.resolve().parent, path=path)
+
+
+def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Config:
+    problems: list[str] = []
+    known = {
+        "state_dir",
+        "inventory",
+        "mail",
+        "auth",
+        "commands",
+        "worker",
+        "brand",
+    }
+    for key in data:
+        if key not in known:
+            problems.append(f"unknown key {key!r}")
+    cfg = Config(path=path)
+    cfg.state_dir = _path(base, data.get("state_dir")) or cfg.state_dir
+    inv = data.get("inventory")
+    if inv:
+        cfg.inventory = _path(REPO_ROOT, inv) if not Path(inv).is_absolute() else Path(inv)
+    cfg.brand = str(data.get("brand", cfg.brand))
+
+    mail = data.get("mail") or {}
+    cfg.transport = mail.get("transport", "imap")
+    if cfg.transport not in ("imap", "maildir"):
+        problems.append(f"mail.transport: {cfg.transport!r} is not imap or maildir")
+    cfg.from_address = str(mail.get("from_address", ""))
+    cfg.admin_addresses = [str(a).lower() for a in mail.get("admin_addresses", [])]
+    if not cfg.from_address:
+        problems.append("mail.from_address: missing (the address replies are sent from)")
+    if not cfg.admin_addresses:
+        problems.append("mail.admin_addresses: at least one administrator address is needed")
+    if cfg.transport == "imap":
+        imap = mail.get("imap") or {}
+        smtp = mail.get("smtp") or {}
+        cfg.imap = IMAPSettings(
+            host=str(imap.get("host", "")),
+            port=int(imap.get("port", 993)),
+            security=str(imap.get("security", "tls")),
+            user=str(imap.get("user", "")),
+            password=_secret(imap, "password", "mail.imap", problems),
+            folder=str(imap.get("folder", "INBOX")),
+            processed_folder=str(imap.get("processed_folder", "")),
+            cafile=str(_path(base, imap.get("cafile")) or ""),
+            timeout=int(imap.get("timeout", 60)),
+        )
+        cfg.smtp = SMTPSettings(
+            host=str(smtp.get("host", "")),
+            port=int(smtp.get("port", 587)),
+            security=str(smtp.get("security", "starttls")),
+            user=str(smtp.get("user", "")),
+            password=_secret(smtp, "password", "mail.smtp", problems),
+            cafile=str(_path(base, smtp.get("cafile")) or ""),
+            timeout=int(smtp.get("timeout", 60)),
+        )
+        for name, s in (("imap", cfg.imap), ("smtp", cfg.smtp)):
+            if not s.host:
+                problems.append(f"mail.{name}.host: missing")
+            if s.security not in SECURITY:
+                problems.append(f"mail.{name}.security: {s.security!r} is not one of {SECURITY}")
+        if not cfg.imap.user or not cfg.imap.password:
+            problems.append("mail.imap: user and password (password_env or password_file) are needed")
+    else:
+        md = mail.get("maildir") or {}
+        cfg.maildir_inbox = _path(base, md.get("inbox"))
+        cfg.maildir_outbox = _path(base, md.get("outbox"))
+        if not cfg.maildir_inbox or not cfg.maildir_outbox:
+            problems.append("mail.maildir: inbox and outbox paths are needed")
+
+    auth = data.get("auth") or {}
+    cfg.senders = [str(a).lower() for a in auth.get("senders", [])]
+    cfg.senders_file = _path(base, auth.get("senders_file"))
+    cfg.tokens_file = _path(base, auth.get("tokens_file")) or cfg.tokens_file
+    if not cfg.senders and not cfg.senders_file:
+        problems.append("auth: no senders and no senders_file: nobody could send a command")
+
+    cmds = data.get("commands") or {}
+    cfg.max_window_days = int(cmds.get("max_window_days", cfg.max_window_days))
+    worker = data.get("worker") or {}
+    cfg.max_attempts = int(worker.get("max_attempts", cfg.max_attempts))
+    cfg.retry_backoff = [int(x) for x in worker.get("retry_backoff", cfg.retry_backoff)]
+    cfg.playbook_timeout = int(worker.get("playbook_timeout", cfg.playbook_timeout))
+    cfg.artifacts_max_age_days = float(worker.get("artifacts_max_age_days", cfg.artifacts_max_age_days))
+    cfg.poll_interval = float(worker.get("poll_interval", cfg.poll_interval))
+    if cfg.max_attempts < 1:
+        problems.append("worker.max_attempts: must be at least 1")
+    if not cfg.retry_backoff:
+        problems.append("worker.retry_backoff: give at least one delay in seconds")
+
+    # Missing secrets are reported by `athome check`, but only block commands that use them.
+    cfg.secret_problems = [p for p in problems if "_env" in p or "_file" in p or "password" in p]
+    hard = [p for p in problems if p not in cfg.secret_problems]
+    if hard:
+        raise ConfigError(problems)
+    return cfg

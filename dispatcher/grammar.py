@@ -1,0 +1,278 @@
+"""The command grammar: pure functions, text in, typed values or a GrammarError out.
+
+Nothing here knows about mail, Ansible or the queue. The per-command rules
+(which keywords, what they mean) live with each command in
+dispatcher/commands/; this module holds what they share: subject
+normalisation, token extraction, KEY=value splitting and field validators.
+
+Every error message is for the requester, in Brazilian Portuguese.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from dispatcher.errors import GrammarError
+
+MAX_SUBJECT_CHARS = 512
+DATE_FORMAT = "%d/%m/%Y %H:%M"
+DATE_HUMAN = "DD/MM/AAAA HH:MM"
+
+# Reply/forward prefixes mail clients put before the token (pt-BR and English).
+_PREFIX = re.compile(r"^\s*(?:re|res|fw|fwd|enc|tr)\s*:\s*", re.IGNORECASE | re.ASCII)
+_TOKEN = re.compile(r"^\[([0-9A-Fa-f]{8})\]\s*", re.ASCII)
+_BRACKET = re.compile(r"^\[[^\]]{0,64}\]\s*")
+# What a command may contain after the token. Anything else (shell or template
+# metacharacters, quotes, non-ASCII digits...) is refused before parsing.
+_ALLOWED = re.compile(r"[A-Za-z0-9 =,:/._\-]*", re.ASCII)
+_KEYWORD = re.compile(r"([A-Za-z]+)[ ]*=[ ]*", re.ASCII)
+_EXTENSION = re.compile(r"[0-9]{2,8}", re.ASCII)
+_MAC_SEPARATED = re.compile(r"[0-9A-Fa-f]{2}([:\-]?)(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}", re.ASCII)
+_DATE = re.compile(r"([0-9]{2})/([0-9]{2})/([0-9]{4}) ([0-9]{2}):([0-9]{2})", re.ASCII)
+_REQUEST_ID = re.compile(r"[0-9]{8}_[0-9]{6}_[0-9]{6}_[0-9a-f]{2}", re.ASCII)
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,62}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the grammar needs to know of one inventory host."""
+
+    name: str
+    groups: frozenset[str] = frozenset()
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ParseContext:
+    """Inputs the grammar needs besides the text: hosts and limits."""
+
+    hosts: dict[str, HostFacts] = field(default_factory=dict)
+    max_window_days: int = 31
+
+
+# ------------------------------------------------------------------ the subject
+
+
+def normalise_subject(raw: str) -> str:
+    """Unfold header lines, refuse control characters and absurd lengths."""
+    if raw is None:
+        raw = ""
+    text = re.sub(r"\r?\n[ \t]+", " ", raw)
+    if len(text) > MAX_SUBJECT_CHARS:
+        raise GrammarError(f"O assunto tem {len(text)} caracteres; o máximo aceito é {MAX_SUBJECT_CHARS}.")
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch != "\t":
+            raise GrammarError(
+                f"O assunto contém um caractere de controle ({ch!r} U+{ord(ch):04X}), que não é aceito."
+            )
+    return text.replace("\t", " ").strip()
+
+
+def strip_prefixes(text: str) -> str:
+    """Remove any number of Re:/RES:/Fwd:/ENC:/TR: prefixes."""
+    while True:
+        match = _PREFIX.match(text)
+        if not match:
+            return text
+        text = text[match.end() :]
+
+
+def split_token(raw_subject: str) -> tuple[str | None, str]:
+    """Return (token or None, command text). The token is never kept elsewhere.
+
+    A bracket that is not 8 hex digits counts as a missing token.
+    """
+    text = strip_prefixes(normalise_subject(raw_subject))
+    match = _TOKEN.match(text)
+    if match:
+        return match.group(1).upper(), text[match.end() :].strip()
+    bracket = _BRACKET.match(text)
+    if bracket:
+        return None, text[bracket.end() :].strip()
+    return None, text
+
+
+def mask_token(raw_subject: str) -> str:
+    """The subject as it can be quoted back: any leading [....] replaced by [********]."""
+    try:
+        text = strip_prefixes(normalise_subject(raw_subject))
+    except GrammarError:
+        text = re.sub(r"[\x00-\x1f\x7f]", "?", (raw_subject or "")[:MAX_SUBJECT_CHARS])
+    return _BRACKET.sub("[********] ", text, count=1).strip()
+
+
+# ------------------------------------------------------------- KEY=value pairs
+
+
+def check_charset(text: str, example: str = "") -> None:
+    match = _ALLOWED.fullmatch(text)
+    if match:
+        return
+    bad = next(ch for ch in text if not _ALLOWED.fullmatch(ch))
+    shown = bad if bad.isprintable() and bad != " " else f"U+{ord(bad):04X}"
+    raise GrammarError(
+        f"O comando contém o caractere “{shown}”, que não faz parte da sintaxe. "
+        "Use só letras, dígitos, espaço e = , : / . - _",
+        example,
+    )
+
+
+def split_keywords(text: str, example: str = "") -> list[tuple[str, str]]:
+    """'A=1 B=x y' -> [('A', '1'), ('B', 'x y')]: keywords upper-cased, values stripped.
+
+    Text before the first keyword is an error; a value may be empty.
+    """
+    text = re.sub(r" {2,}", " ", text.strip())
+    matches = list(_KEYWORD.finditer(text))
+    if not matches or matches[0].start() != 0:
+        first = text.split(" ", 1)[0] if text else ""
+        raise GrammarError(f"Comando não reconhecido: “{first[:40]}”.", example)
+    pairs = []
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        pairs.append((m.group(1).upper(), text[m.end() : end].strip()))
+    return pairs
+
+
+def keyword_map(
+    pairs: list[tuple[str, str]],
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    example: str = "",
+    command: str | None = None,
+) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    allowed = set(required) | set(optional)
+    for key, value in pairs:
+        if key not in allowed:
+            raise GrammarError(
+                f"Palavra-chave desconhecida: {key}. Aceitas: {', '.join(required + optional)}.",
+                example,
+                command,
+            )
+        if key in seen:
+            raise GrammarError(f"A palavra-chave {key} aparece mais de uma vez.", example, command)
+        seen[key] = value
+    missing = [k for k in required if k not in seen]
+    if missing:
+        raise GrammarError(f"Falta {', '.join(missing)}.", example, command)
+    return seen
+
+
+# ------------------------------------------------------------------ validators
+
+
+def parse_extensions(value: str, example: str = "", command: str | None = None) -> tuple[str, ...]:
+    """'1121,1122' -> ('1121', '1122'): 2-8 ASCII digits each, no duplicates."""
+    parts = [p.strip() for p in value.split(",")]
+    if not value or any(not p for p in parts):
+        raise GrammarError(
+            "RAMAIS deve ser uma lista de ramais separados por vírgula, ex.: 1121,1122.",
+            example,
+            command,
+        )
+    for p in parts:
+        if not _EXTENSION.fullmatch(p):
+            raise GrammarError(
+                f"Ramal inválido: “{p[:20]}”. Um ramal tem de 2 a 8 dígitos.", example, command
+            )
+    dupes = sorted({p for p in parts if parts.count(p) > 1})
+    if dupes:
+        raise GrammarError(f"Ramal repetido: {', '.join(dupes)}.", example, command)
+    return tuple(parts)
+
+
+def parse_datetime(value: str, name: str, example: str = "", command: str | None = None) -> datetime:
+    match = _DATE.fullmatch(value)
+    if not match:
+        raise GrammarError(
+            f"{name} deve estar no formato {DATE_HUMAN} (recebido: “{value[:30]}”).",
+            example,
+            command,
+        )
+    try:
+        return datetime.strptime(value, DATE_FORMAT)
+    except ValueError:
+        raise GrammarError(f"{name} não é uma data válida: “{value}”.", example, command) from None
+
+
+def parse_window(
+    start_text: str, end_text: str, max_days: int, example: str = "", command: str | None = None
+) -> tuple[datetime, datetime]:
+    start = parse_datetime(start_text, "INICIO", example, command)
+    end = parse_datetime(end_text, "FIM", example, command)
+    if start >= end:
+        raise GrammarError("INICIO deve ser anterior a FIM.", example, command)
+    if (end - start).total_seconds() > max_days * 86400:
+        raise GrammarError(
+            f"O período pedido passa de {max_days} dias; divida-o em pedidos menores.",
+            example,
+            command,
+        )
+    return start, end
+
+
+def parse_ip(value: str, example: str = "", command: str | None = None) -> str:
+    """One IPv4/IPv6 host address (compressed form); not a network, not special-use."""
+    if "/" in value:
+        raise GrammarError(f"Informe um único endereço IP, não uma rede (“{value[:45]}”).", example, command)
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise GrammarError(f"Endereço IP inválido: “{value[:45]}”.", example, command) from None
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+        raise GrammarError(
+            f"O endereço {ip} não pode ser liberado (não especificado, loopback ou multicast).",
+            example,
+            command,
+        )
+    return ip.compressed
+
+
+def parse_mac(value: str, name: str, example: str = "", command: str | None = None) -> str:
+    """A MAC with or without ':'/'-' separators, any case -> 12 upper-case hex; '' stays ''."""
+    if value == "":
+        return ""
+    if not _MAC_SEPARATED.fullmatch(value):
+        raise GrammarError(
+            f"{name} inválido: “{value[:30]}”. Use 12 dígitos hexadecimais, ex.: 010203040506.",
+            example,
+            command,
+        )
+    return re.sub(r"[:\-]", "", value).upper()
+
+
+def parse_host(
+    value: str, ctx: ParseContext, group: str, example: str = "", command: str | None = None
+) -> str:
+    """An enabled inventory host of `group` (case-insensitive)."""
+    if not _HOSTNAME.fullmatch(value or ""):
+        raise GrammarError(f"SERVER inválido: “{value[:30]}”.", example, command)
+    by_lower = {name.lower(): facts for name, facts in ctx.hosts.items()}
+    facts = by_lower.get(value.lower())
+    valid = sorted(h.name for h in ctx.hosts.values() if group in h.groups and h.enabled)
+    if facts is None or group not in facts.groups:
+        raise GrammarError(
+            f"SERVER={value} não é um servidor aceito para este comando. "
+            f"Servidores aceitos: {', '.join(valid) or 'nenhum'}.",
+            example,
+            command,
+        )
+    if not facts.enabled:
+        raise GrammarError(
+            f"O servidor {facts.name} está desativado e não recebe comandos. "
+            f"Servidores aceitos: {', '.join(valid) or 'nenhum'}.",
+            example,
+            command,
+        )
+    return facts.name
+
+
+def parse_request_id(value: str, example: str = "") -> str:
+    if not _REQUEST_ID.fullmatch(value):
+        raise GrammarError(f"Identificador de pedido inválido: “{value[:40]}”.", example, "STATUS")
+    return value

@@ -1,0 +1,142 @@
+"""The inventory as the dispatcher sees it: hosts, groups and the host vars commands need.
+
+Loaded with ansible's own InventoryManager, so group_vars, host_vars and every
+inventory format behave exactly as they do for `ansible-playbook`. The view
+is reloaded when any file under the inventory path changes: ops edit the
+inventory in git, pull, and the next command sees the change, no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispatcher.errors import ConfigError
+from dispatcher.grammar import HostFacts, ParseContext
+
+log = logging.getLogger(__name__)
+
+AUDIOS_FROM = ("audio", "s3")
+KNOWN_GROUPS = ("sip_servers", "fail2ban_servers", "mac_servers", "recordings")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    groups: frozenset[str]
+    vars: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def enabled(self) -> bool:
+        value = self.vars.get("enabled", True)
+        return value if isinstance(value, bool) else str(value).lower() in ("true", "yes", "1")
+
+
+@dataclass
+class Inventory:
+    path: Path
+    hosts: dict[str, Host]
+
+    def group(self, name: str, enabled_only: bool = True) -> list[Host]:
+        return sorted(
+            (h for h in self.hosts.values() if name in h.groups and (h.enabled or not enabled_only)),
+            key=lambda h: h.name,
+        )
+
+    def parse_context(self, max_window_days: int) -> ParseContext:
+        return ParseContext(
+            hosts={h.name: HostFacts(h.name, h.groups, h.enabled) for h in self.hosts.values()},
+            max_window_days=max_window_days,
+        )
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the inventory for the dispatcher, in one pass."""
+        found = []
+        for group in KNOWN_GROUPS:
+            if not any(group in h.groups for h in self.hosts.values()):
+                found.append(f"group {group} is missing or empty")
+        for h in sorted(self.hosts.values(), key=lambda h: h.name):
+            enabled = h.vars.get("enabled", True)
+            if not isinstance(enabled, bool):
+                found.append(f"{h.name}: enabled must be true or false, not {enabled!r}")
+            if "sip_servers" in h.groups:
+                src = h.vars.get("audios_from")
+                if src not in AUDIOS_FROM:
+                    found.append(f"{h.name}: audios_from is {src!r}; expected one of {AUDIOS_FROM}")
+                elif src == "audio" and not self.group("recordings"):
+                    found.append(f"{h.name}: audios_from is 'audio' but no enabled host in recordings")
+            for group in ("fail2ban_servers", "mac_servers"):
+                if group in h.groups and "sip_servers" not in h.groups:
+                    found.append(f"{h.name}: in {group} but not in sip_servers")
+        return found
+
+
+def _files_signature(path: Path) -> tuple:
+    if path.is_file():
+        st = path.stat()
+        return ((str(path), st.st_mtime_ns, st.st_size),)
+    sig = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.stat(p)
+            sig.append((p, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(sig))
+
+
+def load(path: str | os.PathLike) -> Inventory:
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.vars.manager import VariableManager
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"inventory {path} does not exist"])
+    loader = DataLoader()
+    manager = InventoryManager(loader=loader, sources=[str(path)])
+    variables = VariableManager(loader=loader, inventory=manager)
+    hosts = {}
+    for host in manager.get_hosts(ignore_restrictions=True):
+        groups = frozenset(g.name for g in host.get_groups() if g.name not in ("all", "ungrouped"))
+        hv = variables.get_vars(host=host, include_hostvars=False)
+        keep = {k: v for k, v in hv.items() if not k.startswith("ansible_") or k == "ansible_host"}
+        keep = {
+            k: v
+            for k, v in keep.items()
+            if k
+            not in (
+                "groups",
+                "group_names",
+                "inventory_hostname",
+                "inventory_hostname_short",
+                "inventory_dir",
+                "inventory_file",
+                "omit",
+                "playbook_dir",
+            )
+        }
+        hosts[host.name] = Host(host.name, groups, keep)
+    if not hosts:
+        raise ConfigError([f"inventory {path} has no hosts"])
+    return Inventory(path, hosts)
+
+
+class InventoryWatcher:
+    """Returns the current inventory, reloading it when its files change."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._sig: tuple | None = None
+        self._inv: Inventory | None = None
+
+    def get(self) -> Inventory:
+        sig = _files_signature(self.path) if self.path.exists() else ()
+        if self._inv is None or sig != self._sig:
+            inv = load(self.path)
+            if self._inv is not None:
+                log.info("inventory %s changed: reloaded (%d hosts)", self.path, len(inv.hosts))
+            self._inv, self._sig = inv, sig
+        return self._inv

@@ -1,0 +1,249 @@
+"""Mail in and out: IMAP (imap-tools) and SMTP for production, Maildir folders for the demo.
+
+The only module that imports imap_tools. Inboxes fetch without marking
+anything seen (BODY.PEEK); the service calls `ack()` only once the job, or
+the rejection reply, is durably queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mailbox
+import smtplib
+import ssl
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate, getaddresses, make_msgid
+from pathlib import Path
+from typing import Protocol
+
+from dispatcher.config import IMAPSettings, SMTPSettings
+from dispatcher.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    uid: str
+    message_id: str
+    from_header: str  # every From header, joined: several addresses are refused later
+    subject: str
+    references: str = ""
+
+    @property
+    def key(self) -> str:
+        """Stable identity for de-duplication: the Message-ID, or a digest of the headers."""
+        basis = self.message_id or f"{self.from_header}\n{self.subject}\n{self.uid}"
+        return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def _decode(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeError):
+        return str(value)
+
+
+def incoming_from_headers(uid: str, headers) -> Incoming:
+    """Build an Incoming from an email.message.Message (headers are enough)."""
+    froms = headers.get_all("From") or []
+    return Incoming(
+        uid=str(uid),
+        message_id=(headers.get("Message-ID") or "").strip(),
+        from_header=", ".join(_decode(f) for f in froms),
+        subject=_decode(headers.get("Subject")),
+        references=" ".join(
+            x
+            for x in ((headers.get("References") or "").strip(), (headers.get("Message-ID") or "").strip())
+            if x
+        ),
+    )
+
+
+class Inbox(Protocol):
+    def fetch(self) -> list[Incoming]: ...
+    def ack(self, uid: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Sender(Protocol):
+    def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None: ...
+
+
+# ------------------------------------------------------------------- IMAP
+
+
+class IMAPInbox:
+    """One IMAP session per intake pass: `with IMAPInbox(settings) as inbox: ...`."""
+
+    def __init__(self, settings: IMAPSettings):
+        self.settings = settings
+        self.box = None
+
+    def __enter__(self) -> IMAPInbox:
+        from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted
+
+        s = self.settings
+        ctx = ssl.create_default_context(cafile=s.cafile or None)
+        try:
+            if s.security == "tls":
+                box = MailBox(s.host, s.port, ssl_context=ctx, timeout=s.timeout)
+            elif s.security == "starttls":
+                box = MailBoxStartTls(s.host, s.port, ssl_context=ctx, timeout=s.timeout)
+            else:
+                box = MailBoxUnencrypted(s.host, s.port, timeout=s.timeout)
+            self.box = box.login(s.user, s.password, s.folder)
+        except Exception as exc:  # imaplib, socket and ssl errors alike
+            raise TransportError(f"IMAP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fetch(self) -> list[Incoming]:
+        from imap_tools import AND
+
+        try:
+            msgs = list(self.box.fetch(AND(seen=False), mark_seen=False, headers_only=True, bulk=50))
+        except Exception as exc:
+            raise TransportError(f"IMAP fetch failed: {exc}") from exc
+        return [incoming_from_headers(m.uid, m.obj) for m in msgs if m.uid]
+
+    def ack(self, uid: str) -> None:
+        from imap_tools import MailMessageFlags
+
+        self.box.flag(uid, MailMessageFlags.SEEN, True)
+        if self.settings.processed_folder:
+            self.box.move(uid, self.settings.processed_folder)
+
+    def close(self) -> None:
+        if self.box is not None:
+            try:
+                self.box.logout()
+            except Exception:  # the connection may already be gone
+                log.debug("IMAP logout failed", exc_info=True)
+            self.box = None
+
+
+# ---------------------------------------------------------------- Maildir
+
+
+class MaildirInbox:
+    """A local Maildir as the mailbox (embedded default): unseen = no 'S' flag."""
+
+    def __init__(self, path: str | Path):
+        self.box = mailbox.Maildir(str(path), create=True)
+
+    def __enter__(self) -> MaildirInbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fetch(self) -> list[Incoming]:
+        self.box.clean()
+        found = []
+        for key in sorted(self.box.iterkeys()):
+            msg = self.box.get_message(key)
+            if "S" in msg.get_flags():
+                continue
+            with self.box.get_file(key) as f:
+                headers = BytesHeaderParser().parse(f)
+            found.append(incoming_from_headers(key, headers))
+        return found
+
+    def ack(self, uid: str) -> None:
+        msg = self.box.get_message(uid)
+        msg.set_subdir("cur")
+        msg.add_flag("S")
+        self.box[uid] = msg
+
+    def close(self) -> None:
+        self.box.close()
+
+
+class MaildirSender:
+    """Delivers outgoing mail into a local Maildir (the demo's 'outbox')."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mailbox.Maildir(str(path), create=True)
+
+    def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None:
+        box = mailbox.Maildir(str(self.path), create=True)
+        key = box.add(raw)
+        log.info("delivered reply to %s into %s (%s)", ", ".join(recipients), self.path, key)
+
+
+# ------------------------------------------------------------------- SMTP
+
+
+class SMTPSender:
+    def __init__(self, settings: SMTPSettings):
+        self.settings = settings
+
+    def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None:
+        s = self.settings
+        ctx = ssl.create_default_context(cafile=s.cafile or None)
+        try:
+            if s.security == "tls":
+                client = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=ctx)
+            else:
+                client = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+            with client:
+                if s.security == "starttls":
+                    client.starttls(context=ctx)
+                if s.user:
+                    client.login(s.user, s.password)
+                refused = client.sendmail(mail_from, recipients, raw)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TransportError(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
+        if refused:
+            log.warning("SMTP refused some recipients: %s", sorted(refused))
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_message(
+    *,
+    from_address: str,
+    to: list[str],
+    cc: list[str] | None = None,
+    subject: str,
+    text: str,
+    html: str,
+    in_reply_to: str = "",
+    references: str = "",
+    brand: str = "ATHome",
+) -> bytes:
+    """A multipart/alternative reply (text + HTML), threaded under the command."""
+    msg = EmailMessage()
+    msg["From"] = f"{brand} <{from_address}>"
+    msg["To"] = ", ".join(to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain=from_address.rsplit("@", 1)[-1] or None)
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+    if references:
+        msg["References"] = references
+    msg["Auto-Submitted"] = "auto-replied"
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    return msg.as_bytes(policy=SMTP_POLICY)
+
+
+def recipients_of(raw: bytes) -> list[str]:
+    headers = BytesHeaderParser().parsebytes(raw)
+    fields = (headers.get_all("To") or []) + (headers.get_all("Cc") or [])
+    return [a for _, a in getaddresses(fields) if a]

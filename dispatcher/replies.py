@@ -1,0 +1,67 @@
+"""Reply emails from jinja2 templates: a subject, a text part and an HTML part.
+
+Each reply kind has dispatcher/templates/<kind>.txt.j2 (blocks `subject` and
+`body`) and <kind>.html.j2 (block `body`); both extend the shared layout that
+carries the branding and the standard footer. Values from the request are
+passed as data, never as template source, and the HTML side autoescapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateNotFound
+
+MARKS = {"success": "✅", "partial": "⚠️", "failed": "❌", "info": "ℹ️"}
+HOST_MARKS = {"ok": "✅", "changed": "✅", "skipped": "✅", "failed": "❌", "unreachable": "⚠️"}
+STATUS_PT = {
+    "ok": "ok",
+    "changed": "alterado",
+    "skipped": "ignorado",
+    "failed": "falhou",
+    "unreachable": "inacessível",
+}
+STATE_PT = {
+    "pending": "na fila",
+    "processing": "em execução",
+    "done": "concluído",
+    "failed": "falhou",
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+class Replies:
+    def __init__(self, brand: str = "ATHome"):
+        common = dict(
+            loader=PackageLoader("dispatcher", "templates"),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        self.text_env = Environment(autoescape=False, **common)  # noqa: S701 - text/plain part
+        self.html_env = Environment(autoescape=True, **common)
+        for env in (self.text_env, self.html_env):
+            env.globals.update(
+                brand=brand, marks=MARKS, host_marks=HOST_MARKS, status_pt=STATUS_PT, state_pt=STATE_PT
+            )
+
+    def has(self, kind: str) -> bool:
+        try:
+            self.text_env.get_template(f"{kind}.txt.j2")
+            return True
+        except TemplateNotFound:
+            return False
+
+    def render(self, kind: str, **values) -> Rendered:
+        text_t = self.text_env.get_template(f"{kind}.txt.j2")
+        html_t = self.html_env.get_template(f"{kind}.html.j2")
+        subject = "".join(text_t.blocks["subject"](text_t.new_context(values))).strip()
+        subject = " ".join(subject.split())
+        return Rendered(subject=subject, text=text_t.render(**values), html=html_t.render(**values))

@@ -1,0 +1,375 @@
+"""The dispatcher's two loops: intake (mail -> durable job + confirmation) and work
+(job -> playbook -> result reply), plus the outgoing mail queue they share.
+
+Intake order for one message, each step idempotent so a crash anywhere is
+repaired by the next pass (the message stays unseen until the last step):
+
+  1. seen/<key>        remember the message (key = Message-ID digest) and its request id
+  2. queue/pending/ID  the job (or, for a rejection/HELP/STATUS, no job)
+  3. outbox/pending/   the confirmation or the rejection reply (id derived from 1)
+  4. mailbox           flag the message \\Seen (and move it, if configured)
+
+Work order for one job: claim (rename into processing/), run the playbook,
+save the result in the job record (checkpoint), queue the result reply, move
+the job to done/ or failed/. A job whose result was saved before a crash is
+completed without running its playbook again.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dispatcher import commands, grammar, runner
+from dispatcher.auth import SenderWhitelist, TokenStore, authenticate, may_run, sender_address
+from dispatcher.commands import Command
+from dispatcher.config import Config
+from dispatcher.errors import AthomeError, AuthError, GrammarError, TransportError
+from dispatcher.inventory import InventoryWatcher
+from dispatcher.jobqueue import DirQueue, Job, _crash_point, new_request_id
+from dispatcher.mail import IMAPInbox, Incoming, MaildirInbox, MaildirSender, SMTPSender, build_message
+from dispatcher.replies import Replies
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
+OUTBOX_MAX_DELAY = 600
+
+
+class Dispatcher:
+    def __init__(self, cfg: Config, inbox_factory=None, sender=None):
+        self.cfg = cfg
+        self.jobs = DirQueue(cfg.queue_dir, cfg.max_attempts)
+        self.outbox = DirQueue(cfg.outbox_dir, OUTBOX_MAX_ATTEMPTS)
+        cfg.seen_dir.mkdir(parents=True, exist_ok=True)
+        self.inventory = InventoryWatcher(cfg.inventory)
+        self.whitelist = SenderWhitelist(cfg.senders, cfg.senders_file)
+        self.tokens = TokenStore(cfg.tokens_file)
+        self.replies = Replies(cfg.brand)
+        self._inbox_factory = inbox_factory or self._default_inbox
+        self._sender = sender or self._default_sender()
+
+    # ------------------------------------------------------------- plumbing
+
+    def _default_inbox(self):
+        if self.cfg.transport == "maildir":
+            return MaildirInbox(self.cfg.maildir_inbox)
+        return IMAPInbox(self.cfg.imap)
+
+    def _default_sender(self):
+        if self.cfg.transport == "maildir":
+            return MaildirSender(self.cfg.maildir_outbox)
+        return SMTPSender(self.cfg.smtp)
+
+    def recover(self) -> list[str]:
+        """Settle what a crash left behind; call once at start."""
+        return self.jobs.recover() + self.outbox.recover()
+
+    # --------------------------------------------------------------- intake
+
+    def poll_once(self) -> dict[str, int]:
+        """One intake pass over the unseen messages; then send what is due."""
+        counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0}
+        with self._inbox_factory() as inbox:
+            for msg in inbox.fetch():
+                counts["fetched"] += 1
+                outcome = self._intake(msg)
+                counts[outcome] += 1
+                _crash_point("intake-before-ack")
+                inbox.ack(msg.uid)
+        self.flush_outbox()
+        return counts
+
+    def _marker(self, msg: Incoming) -> Path:
+        return self.cfg.seen_dir / msg.key
+
+    def _intake(self, msg: Incoming) -> str:
+        marker = self._marker(msg)
+        try:
+            request_id = json.loads(marker.read_text())["request_id"]
+        except (FileNotFoundError, ValueError, KeyError):
+            request_id = None
+        # Seen before (a crash came between queueing and flagging it): decide again
+        # under the same request id; every put below is idempotent by id.
+        if request_id is None:
+            request_id = new_request_id()
+            self._write_marker(marker, request_id)
+        _crash_point("intake-after-marker")
+        return self._decide(msg, request_id)
+
+    def _write_marker(self, marker: Path, request_id: str) -> None:
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        tmp.write_text(json.dumps({"request_id": request_id, "at": time.time()}))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+
+    def _decide(self, msg: Incoming, request_id: str) -> str:
+        masked = grammar.mask_token(msg.subject)
+        try:
+            token, text = grammar.split_token(msg.subject)
+        except GrammarError:
+            token, text = None, ""
+        try:
+            identity = authenticate(msg.from_header, token, self.whitelist, self.tokens)
+        except AuthError as exc:
+            if exc.reason == "sender":
+                log.warning("ignored message %s from a sender not allowed (%s)", msg.key[:12], exc.detail)
+                # A marker with no job and no reply: nothing more to do for this message.
+                return "ignored"
+            sender = sender_address(msg.from_header)
+            log.warning("rejected %s from %s: token %s", request_id, sender, exc.detail)
+            self._queue_reply(
+                f"{request_id}-reply",
+                "token_invalid",
+                to=self.cfg.admin_addresses,
+                cc=[sender],
+                msg=msg,
+                sender=sender,
+                subject=masked,
+                problem="token ausente" if exc.detail == "missing" else "token inválido ou desativado",
+            )
+            return "replied"
+        sender = identity.sender
+        try:
+            inv = self.inventory.get()
+            cmd = commands.parse(text, inv.parse_context(self.cfg.max_window_days))
+        except GrammarError as exc:
+            log.info("rejected %s from %s: %s", request_id, sender, exc.message)
+            self._queue_reply(
+                f"{request_id}-reply",
+                "rejected",
+                to=[sender],
+                msg=msg,
+                subject=masked,
+                problem=exc.message,
+                example=exc.example,
+                command_name=exc.command or "",
+                request_id=request_id,
+            )
+            return "replied"
+        spec = commands.spec_for(cmd.name)
+        if not may_run(identity, self.tokens, cmd.name, spec.admin_only):
+            log.warning("denied %s %s to %s (token %s)", request_id, cmd.name, sender, identity.token_id)
+            self._queue_reply(
+                f"{request_id}-reply",
+                "denied",
+                to=[sender],
+                msg=msg,
+                command=cmd.text,
+                command_name=cmd.name,
+                request_id=request_id,
+            )
+            return "replied"
+        if spec.playbook is None:
+            self._answer_directly(cmd, sender, msg, request_id, identity.admin)
+            return "replied"
+        payload = {
+            "command": cmd.name,
+            "params": cmd.params,
+            "command_text": cmd.text,
+            "requester": sender,
+            "token_id": identity.token_id,
+            "message_id": msg.message_id,
+            "references": msg.references,
+        }
+        job = self.jobs.put(payload, job_id=request_id)
+        _crash_point("intake-after-job")
+        log.info("queued %s %s for %s (token %s)", job.id, cmd.text, sender, identity.token_id)
+        self._queue_reply(
+            f"{request_id}-ack",
+            "ack",
+            to=[sender],
+            msg=msg,
+            request_id=request_id,
+            command=cmd.text,
+            command_name=cmd.name,
+            position=max(1, self.jobs.position(job.id)),
+        )
+        return "queued"
+
+    def _answer_directly(self, cmd: Command, sender: str, msg: Incoming, request_id: str, admin: bool):
+        if cmd.name == "HELP":
+            specs = [s for s in commands.COMMANDS.values() if not s.admin_only or admin]
+            self._queue_reply(f"{request_id}-reply", "help", to=[sender], msg=msg, commands=specs)
+            return
+        asked = cmd.params["request_id"]
+        job = self.jobs.find(asked)
+        if job is not None and job.payload.get("requester") != sender and not admin:
+            job = None  # nobody reads somebody else's requests
+        self._queue_reply(
+            f"{request_id}-reply",
+            "status",
+            to=[sender],
+            msg=msg,
+            asked_id=asked,
+            job=job,
+            position=self.jobs.position(asked) if job else 0,
+        )
+
+    # -------------------------------------------------------------- replies
+
+    def _queue_reply(
+        self,
+        reply_id: str,
+        kind: str,
+        *,
+        to: list[str],
+        msg: Incoming | None = None,
+        cc: list[str] | None = None,
+        in_reply_to: str = "",
+        references: str = "",
+        **values: Any,
+    ) -> None:
+        values.setdefault("request_id", "")
+        rendered = self.replies.render(kind, **values)
+        raw = build_message(
+            from_address=self.cfg.from_address,
+            to=to,
+            cc=cc,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            in_reply_to=(msg.message_id if msg else in_reply_to),
+            references=(msg.references if msg else references),
+            brand=self.cfg.brand,
+        )
+        self.outbox.put(
+            {"raw": base64.b64encode(raw).decode(), "rcpt": [*to, *(cc or [])], "kind": kind},
+            job_id=reply_id,
+        )
+
+    def flush_outbox(self) -> int:
+        """Send every due reply; stop at the first transport failure (retry later)."""
+        sent = 0
+        while True:
+            item = self.outbox.claim()
+            if item is None:
+                return sent
+            raw = base64.b64decode(item.payload["raw"])
+            try:
+                self._sender.send(raw, self.cfg.from_address, item.payload["rcpt"])
+            except TransportError as exc:
+                delay = min(OUTBOX_MAX_DELAY, 15 * 2 ** min(item.attempts, 10))
+                log.warning("reply %s not sent (%s); next try in %ss", item.id, exc, delay)
+                self.outbox.retry_later(item, delay, str(exc))
+                return sent
+            self.outbox.finish(item)
+            sent += 1
+            log.info(
+                "sent reply %s (%s) to %s", item.id, item.payload.get("kind"), ", ".join(item.payload["rcpt"])
+            )
+
+    # ----------------------------------------------------------------- work
+
+    def work_once(self, max_jobs: int | None = None) -> int:
+        """Run due jobs until none is left (or max_jobs); then send replies."""
+        for job in self.jobs.completed_in_processing():
+            self._complete(job)
+        done = 0
+        while max_jobs is None or done < max_jobs:
+            job = self.jobs.claim()
+            if job is None:
+                break
+            self._run(job)
+            done += 1
+        self.flush_outbox()
+        runner.prune_artifacts(self.cfg.artifacts_dir, self.cfg.artifacts_max_age_days)
+        return done
+
+    def _run(self, job: Job) -> None:
+        payload = job.payload
+        spec = commands.spec_for(payload["command"])
+        cmd = Command(payload["command"], payload["params"], payload["command_text"])
+        log.info("running %s %s (attempt %d/%d)", job.id, cmd.text, job.attempts, job.max_attempts)
+        try:
+            result = runner.run_playbook(
+                spec.playbook,
+                inventory=self.cfg.inventory,
+                extravars=spec.extravars(cmd, job.id, payload["requester"]),
+                limit=spec.limit(cmd),
+                timeout=self.cfg.playbook_timeout,
+                artifacts_dir=self.cfg.artifacts_dir,
+                ident=f"{job.id}-{job.attempts}",
+            )
+        except Exception as exc:  # the runner itself broke: treat as transient
+            log.exception("running %s failed before the playbook could report", job.id)
+            result = runner.PlaybookResult(
+                spec.playbook, "failed", -1, errors=[f"{type(exc).__name__}: {exc}"]
+            )
+            transient = True
+        else:
+            transient = spec.transient(cmd, result)
+        _crash_point("work-after-run")
+        if transient and job.attempts < job.max_attempts:
+            delay = self.cfg.retry_backoff[min(job.attempts, len(self.cfg.retry_backoff)) - 1]
+            log.warning("%s: transient failure (%s); retry in %ss", job.id, result.status, delay)
+            self.jobs.retry_later(
+                job, delay, reason=f"{result.status}: {result.unreachable or result.errors}"
+            )
+            return
+        job.result = {
+            "outcome": spec.outcome(cmd, result),
+            "playbook": result.to_dict(),
+            "attempts_spent": transient,
+        }
+        self.jobs.checkpoint(job)
+        _crash_point("work-after-checkpoint")
+        self._complete(job)
+
+    def _complete(self, job: Job) -> None:
+        payload = job.payload
+        spec = commands.spec_for(payload["command"])
+        outcome = job.result.get("outcome", "failed")
+        template = spec.template if self.replies.has(spec.template) else "result"
+        playbook = job.result.get("playbook") or {"hosts": {}, "errors": ["interrompido"], "status": "failed"}
+        self._queue_reply(
+            f"{job.id}-result",
+            template,
+            to=[payload["requester"]],
+            in_reply_to=payload.get("message_id", ""),
+            references=payload.get("references", ""),
+            request_id=job.id,
+            command=payload["command_text"],
+            command_name=payload["command"],
+            params=payload["params"],
+            outcome=outcome,
+            result=playbook,
+        )
+        _crash_point("work-after-reply")
+        self.jobs.finish(job, success=outcome != "failed", outcome=outcome)
+        log.info("finished %s: %s", job.id, outcome)
+
+    # ----------------------------------------------------------------- loop
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Intake and work in two threads until `stop` is set (SIGTERM)."""
+
+        def loop(name: str, step) -> None:
+            while not stop.is_set():
+                try:
+                    step()
+                except (AthomeError, OSError) as exc:
+                    log.error("%s pass failed: %s", name, exc)
+                except Exception:
+                    log.exception("%s pass crashed; continuing", name)
+                stop.wait(self.cfg.poll_interval)
+
+        threads = [
+            threading.Thread(target=loop, args=("intake", self.poll_once), name="intake", daemon=True),
+            threading.Thread(target=loop, args=("work", self.work_once), name="work", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.is_set():
+                stop.wait(1)
+        for t in threads:
+            t.join(timeout=self.cfg.playbook_timeout + 30)

@@ -1,0 +1,217 @@
+"""The command grammar: a table of valid and invalid subjects, hostile input, and fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher import commands, grammar
+from dispatcher.errors import GrammarError
+
+HOSTS = {
+    "gv1p": grammar.HostFacts("gv1p", frozenset({"sip_servers", "fail2ban_servers", "mac_servers"})),
+    "gv2p": grammar.HostFacts("gv2p", frozenset({"sip_servers", "fail2ban_servers", "mac_servers"})),
+    "voip1": grammar.HostFacts("voip1", frozenset({"sip_servers", "fail2ban_servers"})),
+    "voip3": grammar.HostFacts("voip3", frozenset({"sip_servers"}), enabled=False),
+    "audio": grammar.HostFacts("audio", frozenset({"recordings"})),
+}
+CTX = grammar.ParseContext(hosts=HOSTS, max_window_days=31)
+
+
+def parse_subject(subject: str):
+    token, text = grammar.split_token(subject)
+    return token, commands.parse(text, CTX)
+
+
+VALID = [
+    ("[A1B2C3D4] CHECKIP=3.3.3.3", "CHECKIP", {"ip": "3.3.3.3"}),
+    ("Re: RES: Fwd: [a1b2c3d4] checkip = 3.3.3.3", "CHECKIP", {"ip": "3.3.3.3"}),
+    ("ENC: TR:[A1B2C3D4]   CHECKIP=2001:DB8::1", "CHECKIP", {"ip": "2001:db8::1"}),
+    (
+        "[A1B2C3D4] MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p",
+        "MACCHANGE",
+        {
+            "extension": "3010",
+            "mac_current": "010203040506",
+            "mac_new": "010203040599",
+            "server": "gv2p",
+            "operation": "replace",
+        },
+    ),
+    (
+        "[A1B2C3D4] macchange=3010 macatual=01:02:03:04:05:99 MACFUTURO= server=GV2P",
+        "MACCHANGE",
+        {
+            "extension": "3010",
+            "mac_current": "010203040599",
+            "mac_new": "",
+            "server": "gv2p",
+            "operation": "remove",
+        },
+    ),
+    (
+        "[A1B2C3D4] MACCHANGE=3010 MACFUTURO=01-02-03-04-05-88 SERVER=gv1p",
+        "MACCHANGE",
+        {
+            "extension": "3010",
+            "mac_current": "",
+            "mac_new": "010203040588",
+            "server": "gv1p",
+            "operation": "add",
+        },
+    ),
+    (
+        "[A1B2C3D4] RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59",
+        "RAMAIS",
+        {
+            "extensions": ["1121", "1122"],
+            "server": "voip1",
+            "start": "2025-11-01 00:00",
+            "end": "2025-11-05 23:59",
+        },
+    ),
+    (
+        "[A1B2C3D4] RAMAIS=1013010 SERVER=gv1p INICIO=31/12/2025 23:00 FIM=01/01/2026 01:00",
+        "RAMAIS",
+        {"extensions": ["1013010"], "server": "gv1p", "start": "2025-12-31 23:00", "end": "2026-01-01 01:00"},
+    ),
+    ("[A1B2C3D4] HELP", "HELP", {}),
+    ("[A1B2C3D4] ajuda", "HELP", {}),
+    ("[A1B2C3D4] STATUS 20251111_171215_482913_a1", "STATUS", {"request_id": "20251111_171215_482913_a1"}),
+]
+
+
+@pytest.mark.parametrize(("subject", "name", "params"), VALID)
+def test_valid_subjects_parse_to_typed_commands(subject, name, params):
+    token, cmd = parse_subject(subject)
+    assert token == "A1B2C3D4"
+    assert cmd.name == name
+    assert cmd.params == params
+
+
+INVALID = [
+    ("[A1B2C3D4] CHECKIP=3.3.3.3;id", "caractere “;”"),
+    ("[A1B2C3D4] CHECKIP=$(reboot)", "caractere “$”"),
+    ("[A1B2C3D4] CHECKIP=3.3.3.3 `id`", "caractere “`”"),
+    ("[A1B2C3D4] CHECKIP={{ lookup('pipe','id') }}", "caractere “{”"),
+    ("[A1B2C3D4] CHECKIP=0.0.0.0/0", "não uma rede"),
+    ("[A1B2C3D4] CHECKIP=127.0.0.1", "loopback"),
+    ("[A1B2C3D4] CHECKIP=0.0.0.0", "não especificado"),
+    ("[A1B2C3D4] CHECKIP=224.0.0.1", "multicast"),
+    ("[A1B2C3D4] CHECKIP=999.1.1.1", "IP inválido"),
+    ("[A1B2C3D4] CHECKIP=3.3.3.3 CHECKIP=4.4.4.4", "mais de uma vez"),
+    ("[A1B2C3D4] CHECKIP=3.3.3.3 SERVER=gv1p", "desconhecida: SERVER"),
+    ("[A1B2C3D4] CHECKIP=", "IP inválido"),
+    ("[A1B2C3D4] DELETEALL=1", "Comando desconhecido"),
+    ("[A1B2C3D4] please unban 3.3.3.3", "Comando desconhecido"),
+    ("[A1B2C3D4]", "nenhum comando"),
+    ("[A1B2C3D4] RAMAIS=1121,1121 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "repetido"),
+    ("[A1B2C3D4] RAMAIS=1 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "de 2 a 8"),
+    ("[A1B2C3D4] RAMAIS=123456789 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "de 2 a 8"),
+    ("[A1B2C3D4] RAMAIS=1121,,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "vírgula"),
+    ("[A1B2C3D4] RAMAIS=١١٢١ SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "caractere"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip3 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59", "desativado"),
+    (
+        "[A1B2C3D4] RAMAIS=1121 SERVER=nohost INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59",
+        "não é um servidor",
+    ),
+    (
+        "[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=31/02/2025 00:00 FIM=05/03/2025 23:59",
+        "não é uma data válida",
+    ),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=2025-11-01 00:00 FIM=05/11/2025 23:59", "formato"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=05/11/2025 00:00 FIM=01/11/2025 23:59", "anterior"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=01/11/2025 00:00", "anterior"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/01/2025 00:00 FIM=05/11/2025 23:59", "31 dias"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00", "Falta FIM"),
+    ("[A1B2C3D4] MACCHANGE=3010 SERVER=gv2p", "Informe MACATUAL"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL= MACFUTURO= SERVER=gv2p", "Informe MACATUAL"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL=0102030405 SERVER=gv2p", "MACATUAL inválido"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL=01:02-03:04:05:06 SERVER=gv2p", "MACATUAL inválido"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL=ZZ0203040506 SERVER=gv2p", "MACATUAL inválido"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040506 SERVER=gv2p", "iguais"),
+    ("[A1B2C3D4] MACCHANGE=3010 MACATUAL=010203040506 SERVER=voip1", "não é um servidor"),
+    ("[A1B2C3D4] MACCHANGE=3010,3011 MACATUAL=010203040506 SERVER=gv1p", "único ramal"),
+    ("[A1B2C3D4] HELP me", "HELP não recebe"),
+    ("[A1B2C3D4] STATUS", "exatamente um"),
+    ("[A1B2C3D4] STATUS ../../etc/passwd", "inválido"),
+    ("[A1B2C3D4] STATUS 2025", "inválido"),
+]
+
+
+@pytest.mark.parametrize(("subject", "fragment"), INVALID)
+def test_invalid_subjects_are_refused_with_the_reason_and_an_example(subject, fragment):
+    with pytest.raises(GrammarError) as info:
+        parse_subject(subject)
+    assert fragment in info.value.message
+    assert info.value.example, "every rejection shows a correct example"
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "CHECKIP=3.3.3.3",
+        "[A1B2C3D] CHECKIP=3.3.3.3",
+        "[A1B2C3D4G] CHECKIP=3.3.3.3",
+        "[] CHECKIP=3.3.3.3",
+        "CHECKIP=3.3.3.3 [A1B2C3D4]",
+    ],
+)
+def test_missing_or_malformed_token_yields_no_token(subject):
+    token, _text = grammar.split_token(subject)
+    assert token is None
+
+
+def test_newline_and_control_characters_are_refused():
+    with pytest.raises(GrammarError, match="controle"):
+        grammar.split_token("[A1B2C3D4] CHECKIP=3.3.3.3\n; rm -rf /")
+    with pytest.raises(GrammarError, match="controle"):
+        grammar.split_token("[A1B2C3D4] CHECKIP=3.3.3.3\x00")
+
+
+def test_folded_header_lines_are_unfolded():
+    token, cmd = parse_subject(
+        "[A1B2C3D4] RAMAIS=1121\r\n SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
+    )
+    assert cmd.params["server"] == "voip1"
+
+
+def test_ten_thousand_character_subject_is_refused_quickly():
+    with pytest.raises(GrammarError, match="máximo"):
+        grammar.split_token("[A1B2C3D4] CHECKIP=" + "9" * 10_000)
+
+
+def test_masked_subject_never_shows_the_token():
+    assert grammar.mask_token("Re: [A1B2C3D4] CHECKIP=1.2.3.4") == "[********] CHECKIP=1.2.3.4"
+    assert "A1B2C3D4" not in grammar.mask_token("[A1B2C3D4]\n CHECKIP=1.2.3.4")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=300))
+def test_no_input_crashes_the_parser(text):
+    try:
+        token, rest = grammar.split_token(text)
+        commands.parse(rest, CTX)
+    except GrammarError as exc:
+        assert exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ABCDEFHIKLMNOPRSTUVX=0123456789,:/ .-_", max_size=120))
+def test_keyword_shaped_noise_never_crashes(text):
+    try:
+        commands.parse(text, CTX)
+    except GrammarError as exc:
+        assert exc.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.ip_addresses())
+def test_every_accepted_ip_is_a_single_public_or_private_host(ip):
+    try:
+        value = grammar.parse_ip(str(ip))
+    except GrammarError:
+        assert ip.is_loopback or ip.is_unspecified or ip.is_multicast
+    else:
+        assert value == ip.compressed

@@ -1,0 +1,183 @@
+"""The durable directory queue: state machine, one winner per claim, crash recovery.
+
+Crash tests run the queue in a child process that kills itself (os._exit) at a
+named step, as a power cut would, then check that a fresh process finds every
+job exactly once and in a consistent state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from dispatcher.jobqueue import STATES, DirQueue, new_request_id
+
+
+def files(q: DirQueue) -> dict[str, list[str]]:
+    return {s: sorted(os.listdir(q.root / s)) for s in (*STATES, "tmp", "quarantine")}
+
+
+def test_request_ids_are_unique_and_sortable():
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    stamps = [i.rsplit("_", 1)[0] for i in ids]
+    assert stamps == sorted(stamps)
+
+
+def test_put_claim_finish_moves_one_record_through_the_states(tmp_path):
+    q = DirQueue(tmp_path)
+    job = q.put({"command": "CHECKIP"})
+    assert files(q)["pending"] == [f"{job.id}.json"]
+    claimed = q.claim()
+    assert claimed.id == job.id and claimed.attempts == 1
+    assert files(q)["pending"] == [] and files(q)["processing"] == [f"{job.id}.json"]
+    claimed.result = {"outcome": "success"}
+    q.finish(claimed)
+    f = files(q)
+    assert f["done"] == [f"{job.id}.json"] and f["processing"] == [] and f["tmp"] == []
+    stored = q.get(job.id)
+    assert stored.state == "done" and [h["event"] for h in stored.history] == ["queued", "claimed", "done"]
+
+
+def test_claim_is_fifo_and_respects_not_before(tmp_path):
+    q = DirQueue(tmp_path)
+    a, b = q.put({"n": 1}), q.put({"n": 2})
+    first = q.claim()
+    q.retry_later(first, delay=3600, reason="unreachable")
+    assert first.id == a.id
+    assert q.claim().id == b.id
+    assert q.claim() is None, "a job waiting for its retry time is not due"
+    assert q.claim(now=time.time() + 7200).id == a.id
+
+
+def test_put_with_the_same_id_is_idempotent(tmp_path):
+    q = DirQueue(tmp_path)
+    one = q.put({"x": 1}, job_id="r-1")
+    two = q.put({"x": 2}, job_id="r-1")
+    assert one.id == two.id == "r-1" and two.payload == {"x": 1}
+    assert q.count("pending") == 1
+
+
+def _claim_all(root: str) -> list[str]:
+    q = DirQueue(root)
+    got = []
+    while (job := q.claim()) is not None:
+        got.append(job.id)
+    return got
+
+
+def test_concurrent_workers_never_claim_the_same_job(tmp_path):
+    q = DirQueue(tmp_path)
+    ids = {q.put({"n": i}).id for i in range(200)}
+    with ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(_claim_all, [str(tmp_path)] * 4))
+    claimed = [i for r in results for i in r]
+    assert sorted(claimed) == sorted(ids), "every job claimed exactly once"
+
+
+def test_corrupt_record_is_quarantined_and_the_rest_continue(tmp_path):
+    q = DirQueue(tmp_path)
+    good = q.put({"ok": True})
+    (q.root / "pending" / "00000000_000000_000000_00.json").write_text("{not json")
+    assert q.claim().id == good.id
+    assert len(q.quarantined()) == 1
+    assert q.claim() is None
+
+
+def test_retry_failed_puts_a_job_back_with_fresh_attempts(tmp_path):
+    q = DirQueue(tmp_path, max_attempts=1)
+    job = q.claim() if q.put({"n": 1}) else None
+    q.finish(job, success=False)
+    again = q.retry_failed(job.id)
+    assert again.state == "pending" and again.attempts == 0
+    assert q.claim().id == job.id
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from dispatcher.jobqueue import DirQueue
+    q = DirQueue(sys.argv[1], max_attempts=int(sys.argv[3]))
+    step = sys.argv[2]
+    if step == "enqueue":
+        q.put({"n": 1}, job_id="job-1")
+    elif step == "claim":
+        q.claim()
+    elif step == "finish":
+        j = q.claim(); j.result = {"outcome": "success"}; q.checkpoint(j); q.finish(j)
+    elif step == "retry":
+        j = q.claim(); q.retry_later(j, 0, "unreachable")
+    """
+)
+
+
+def run_child(root, step, crash_at, max_attempts=3):
+    env = dict(os.environ, ATHOME_CRASH_AT=crash_at)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), step, str(max_attempts)], env=env
+    ).returncode
+
+
+@pytest.mark.parametrize(
+    ("step", "crash_at", "expect_state", "expect_attempts"),
+    [
+        ("enqueue", "enqueue-after-tmp", None, 0),  # never acknowledged: nothing queued, nothing half-written
+        ("claim", "claim-after-rename", "pending", 0),  # claimed, never ran: back to pending
+        ("finish", "finish-done", "done", 1),  # done written, processing copy left: done wins
+        ("retry", "retry", "pending", 1),  # pending written, processing copy left: pending wins
+    ],
+)
+def test_a_crash_at_each_step_loses_nothing_and_duplicates_nothing(
+    tmp_path, step, crash_at, expect_state, expect_attempts
+):
+    q = DirQueue(tmp_path)
+    if step != "enqueue":
+        q.put({"n": 1}, job_id="job-1")
+    assert run_child(tmp_path, step, crash_at) == 77, "the child died at the crash point"
+    q = DirQueue(tmp_path)
+    q.recover()
+    f = files(q)
+    everywhere = [n for s in STATES for n in f[s]]
+    assert f["tmp"] == [], "half-written records are cleaned"
+    if expect_state is None:
+        assert everywhere == []
+        return
+    assert everywhere == ["job-1.json"], f"exactly one copy of the job: {f}"
+    job = q.get("job-1")
+    assert job.state == expect_state
+    assert job.attempts == expect_attempts
+
+
+def test_a_job_interrupted_with_its_attempts_spent_goes_to_failed(tmp_path):
+    q = DirQueue(tmp_path, max_attempts=1)
+    q.put({"n": 1}, job_id="job-1")
+    q.claim()  # the worker died during the playbook
+    assert q.recover() == ["job-1: interrupted with attempts spent -> failed"]
+    job = q.get("job-1")
+    assert job.state == "failed" and job.result == {"interrupted": True}
+
+
+def test_a_job_whose_result_was_saved_is_completed_not_rerun(tmp_path):
+    q = DirQueue(tmp_path)
+    q.put({"n": 1}, job_id="job-1")
+    job = q.claim()
+    job.result = {"outcome": "success"}
+    q.checkpoint(job)
+    q.recover()
+    assert [j.id for j in q.completed_in_processing()] == ["job-1"]
+    assert q.claim() is None, "it is not offered to run again"
+
+
+def test_records_are_plain_json_readable_by_ops(tmp_path):
+    q = DirQueue(tmp_path)
+    job = q.put({"command": "CHECKIP", "params": {"ip": "3.3.3.3"}})
+    data = json.loads((q.root / "pending" / f"{job.id}.json").read_text())
+    assert data["payload"]["params"] == {"ip": "3.3.3.3"}
+    assert oct((q.root / "pending" / f"{job.id}.json").stat().st_mode & 0o777) == "0o600"
