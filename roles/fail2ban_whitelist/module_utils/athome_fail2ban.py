@@ -1,0 +1,247 @@
+# -*- coding: utf-8 -*-
+# Copyright: athome-ops
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Helpers shared by the fail2ban_unban and fail2ban_ignoreip modules.
+
+Runs on the target with Python 2.7, 3.6 and 3.11: no f-strings, no type hints,
+standard library only. The parsers are pure functions (tests/test_fail2ban_module.py).
+
+fail2ban-client prints list and dict answers as Python literals (`banned`,
+`get JAIL banned`), read with ast.literal_eval, and tree answers (`status`,
+`get JAIL ignoreip`) as lines starting with "|- " or "`- ".
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ast
+import glob
+import os
+import re
+import socket
+
+KNOWN = "%(known/ignoreip)s"
+MANAGED_HEADER = (
+    "# Managed by Ansible (athome-ops role fail2ban_whitelist). Manual edits are overwritten.\n"
+    "# Each jail keeps the ignoreip it has elsewhere (%(known/ignoreip)s) plus the addresses below.\n"
+)
+
+
+class Fail2banError(Exception):
+    """The client answered something we cannot use."""
+
+
+def is_single_address(value):
+    """True when value is one literal IPv4 or IPv6 address (no network, no name)."""
+    if not value or not re.match(r"^[0-9A-Fa-f:.]+$", value):
+        return False
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+            return True
+        except (socket.error, ValueError):
+            continue
+    return False
+
+
+def _tree_items(text):
+    """Items of a fail2ban tree answer: lines "|- x" / "`- x", indentation stripped."""
+    items = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        for prefix in ("|- ", "`- "):
+            if stripped.startswith(prefix):
+                items.append(stripped[len(prefix):])
+    return items
+
+
+def parse_status_jails(text):
+    """Jail names from `fail2ban-client status`."""
+    for item in _tree_items(text):
+        if item.startswith("Jail list:"):
+            names = item.split(":", 1)[1].strip()
+            return [n.strip() for n in names.split(",") if n.strip()]
+    raise Fail2banError("no 'Jail list' in the status answer: %r" % (text[:200],))
+
+
+def parse_status_banned(text):
+    """Banned addresses from `fail2ban-client status JAIL` (every fail2ban version)."""
+    for item in _tree_items(text):
+        if item.startswith("Banned IP list:"):
+            return item.split(":", 1)[1].split()
+    raise Fail2banError("no 'Banned IP list' in the jail status answer: %r" % (text[:200],))
+
+
+def parse_ignoreip(text):
+    """Entries from `get JAIL ignoreip` / `set JAIL addignoreip|delignoreip`."""
+    if "No IP address/network is ignored" in text:
+        return []
+    if "These IP addresses/networks are ignored" not in text:
+        raise Fail2banError("unexpected ignoreip answer: %r" % (text[:200],))
+    return _tree_items(text)
+
+
+def _literal(text):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise Fail2banError("not a Python literal: %r" % (text[:200],))
+
+
+def parse_banned_ip(text):
+    """Jails from `fail2ban-client banned IP` (0.10.6+/0.11.2+): "[['asterisk', 'sshd']]"."""
+    value = _literal(text)
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], list)):
+        raise Fail2banError("unexpected 'banned' answer: %r" % (text[:200],))
+    return [str(j) for j in value[0]]
+
+
+def parse_get_banned_ip(text):
+    """True/False from `get JAIL banned IP`: "1" or "0"."""
+    value = _literal(text)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value in (0, 1):
+        return bool(value)
+    raise Fail2banError("unexpected 'get JAIL banned' answer: %r" % (text[:200],))
+
+
+def config_files(conf_dir, exclude=None):
+    """jail.conf, jail.d/*.conf, jail.local, jail.d/*.local in fail2ban's read order."""
+    files = [os.path.join(conf_dir, "jail.conf")]
+    files += sorted(glob.glob(os.path.join(conf_dir, "jail.d", "*.conf")))
+    files.append(os.path.join(conf_dir, "jail.local"))
+    files += sorted(glob.glob(os.path.join(conf_dir, "jail.d", "*.local")))
+    exclude = os.path.realpath(exclude) if exclude else None
+    return [f for f in files if os.path.isfile(f) and os.path.realpath(f) != exclude]
+
+
+def scan_ignoreip(texts):
+    """Last `ignoreip` value per section over config texts in read order.
+
+    Returns {section: [tokens]}; "DEFAULT" holds the default. A simple line
+    scan (continuation lines included) that does not interpolate values.
+    """
+    found = {}
+    for text in texts:
+        section = None
+        current = None
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith(("#", ";")):
+                continue
+            head = re.match(r"^\[([^\]]+)\]\s*$", line)
+            if head:
+                section = head.group(1).strip()
+                current = None
+                continue
+            if current is not None and line[:1] in (" ", "\t"):
+                found[current].extend(line.split())
+                continue
+            current = None
+            opt = re.match(r"^ignoreip\s*[=:]\s*(.*)$", line)
+            if opt and section is not None:
+                found[section] = opt.group(1).split()
+                current = section
+    return found
+
+
+def base_ignoreip(conf_dir, jails, exclude=None):
+    """{jail: tokens or None}: the ignoreip each jail gets outside the managed file.
+
+    None means no ignoreip is set for that jail anywhere (fail2ban then ignores
+    nothing but itself, and %(known/ignoreip)s cannot be used).
+    """
+    texts = []
+    for path in config_files(conf_dir, exclude):
+        with open(path) as f:
+            texts.append(f.read())
+    found = scan_ignoreip(texts)
+    result = {}
+    for jail in jails:
+        if jail in found:
+            result[jail] = found[jail]
+        elif "DEFAULT" in found:
+            result[jail] = found["DEFAULT"]
+        else:
+            result[jail] = None
+    return result
+
+
+def parse_managed(text):
+    """Addresses listed in the managed file, in first-seen order, without duplicates."""
+    order = []
+    for line in text.splitlines():
+        m = re.match(r"^ignoreip\s*[=:]\s*(.*)$", line)
+        if m:
+            for token in m.group(1).split():
+                if token != KNOWN and token not in order:
+                    order.append(token)
+    return order
+
+
+def render_managed(addresses, jails, base):
+    """Content of the managed jail.d file for these addresses and jails."""
+    if not addresses:
+        return MANAGED_HEADER
+    parts = [MANAGED_HEADER]
+    for jail in sorted(jails):
+        prefix = [KNOWN] if base.get(jail) is not None else []
+        parts.append("\n[%s]\nignoreip = %s\n" % (jail, " ".join(prefix + list(addresses))))
+    return "".join(parts)
+
+
+class Client:
+    """fail2ban-client with a fixed config dir / socket, run through AnsibleModule.run_command."""
+
+    def __init__(self, module, executable, conf_dir, sock=None):
+        self.module = module
+        self.argv = [executable, "-c", conf_dir]
+        if sock:
+            self.argv += ["-s", sock]
+
+    def run(self, *args):
+        """(rc, stdout, stderr) of one client command."""
+        return self.module.run_command(self.argv + list(args))
+
+    def call(self, *args):
+        rc, out, err = self.run(*args)
+        if rc != 0:
+            raise Fail2banError(
+                "fail2ban-client %s failed (rc=%s): %s" % (" ".join(args), rc, (err or out).strip()[:300])
+            )
+        return out
+
+    def jails(self, wanted=None):
+        if wanted:
+            return list(wanted)
+        return parse_status_jails(self.call("status"))
+
+    def ignoreip(self, jail):
+        return parse_ignoreip(self.call("get", jail, "ignoreip"))
+
+    def ignoreip_change(self, jail, command, ip):
+        """addignoreip/delignoreip; returns the jail's new ignore list."""
+        return parse_ignoreip(self.call("set", jail, command, ip))
+
+    def banned_in(self, ip, jails):
+        """(jails banning ip, method used): `banned IP`, else per jail `get J banned IP`, else `status J`."""
+        rc, out, err = self.run("banned", ip)
+        if rc == 0:
+            try:
+                return [j for j in parse_banned_ip(out) if j in jails], "banned"
+            except Fail2banError:
+                pass
+        result = []
+        try:
+            for jail in jails:
+                rc, out, err = self.run("get", jail, "banned", ip)
+                if rc != 0:
+                    raise Fail2banError(out)
+                if parse_get_banned_ip(out):
+                    result.append(jail)
+            return result, "get-banned"
+        except Fail2banError:
+            pass
+        result = [j for j in jails if ip in parse_status_banned(self.call("status", j))]
+        return result, "status"
