@@ -1,0 +1,277 @@
+"""CHECKIP playbooks (unban.yml, whitelist.yml) against real fail2ban-server instances.
+
+Every host is a real fail2ban-server (own config dir and socket, no-op action)
+reached over a real sshd on loopback (several inventory aliases on one sshd,
+recipe 02/07), or with ansible_connection=local like the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dispatcher.runner import run_playbook
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+IP = "3.3.3.3"
+MANAGED = "jail.d/athome-whitelist.local"
+
+
+def host_vars(f2b: servers.Fail2ban, **extra) -> dict:
+    return {"fail2ban_whitelist_conf_dir": str(f2b.dir), **extra}
+
+
+def ssh_inventory(path: Path, sshd: servers.SSHD, fleet: dict, extra: dict | None = None) -> Path:
+    hosts = {name: host_vars(f2b, **(extra or {}).get(name, {})) for name, f2b in fleet.items()}
+    return servers.write_inventory(
+        path,
+        {"fail2ban_servers": hosts},
+        {**sshd.ansible_vars(), "ansible_python_interpreter": servers.target_python()},
+    )
+
+
+def snapshot(f2b: servers.Fail2ban) -> dict:
+    """Everything the playbooks may change on one server."""
+    managed = f2b.dir / MANAGED
+    actions = f2b.dir / "actions.log"
+    return {
+        "ignore": {j: sorted(f2b.ignore_list(j)) for j in f2b.JAILS},
+        "banned": {ip: f2b.banned_jails(ip) for ip in (IP, "4.4.4.4")},
+        "managed": managed.read_text() if managed.exists() else None,
+        "jail.d": sorted(p.name for p in (f2b.dir / "jail.d").iterdir()),
+        "actions": actions.read_text() if actions.exists() else "",
+    }
+
+
+@pytest.fixture
+def fleet(fail2ban_factory):
+    """Three fail2ban servers; gv1p's jail.local already whitelists 10.9.9.9."""
+    return {
+        "gv1p": fail2ban_factory("gv1p", ignoreip="127.0.0.1/8 ::1 10.9.9.9"),
+        "gv2p": fail2ban_factory("gv2p"),
+        "gv3p": fail2ban_factory("gv3p"),
+    }
+
+
+def test_unban_unbans_where_banned_and_whitelists_everywhere(sshd, fleet, workdir):
+    fleet["gv3p"].ban("asterisk", IP)
+    fleet["gv1p"].ban("sshd", "4.4.4.4")  # another address: must stay banned
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet)
+    before = {h: snapshot(f) for h, f in fleet.items()}
+
+    # Check mode with diff: reports what would change, changes nothing.
+    dry = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP}, check=True, diff=True)
+    assert dry.succeeded, dry.to_dict()
+    assert {h: dry.hosts[h].status for h in fleet} == dict.fromkeys(fleet, "changed")
+    assert dry.hosts["gv3p"].report["banned_in"] == ["asterisk"]
+    assert dry.hosts["gv3p"].report["check_mode"] is True
+    assert {h: snapshot(f) for h, f in fleet.items()} == before
+
+    run = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP, "request_id": "req-1"})
+    assert run.succeeded, run.to_dict()
+    reports = {h: run.hosts[h].report for h in fleet}
+    assert reports["gv3p"]["banned_in"] == ["asterisk"] and reports["gv3p"]["unbanned"] is True
+    for h in ("gv1p", "gv2p"):
+        assert reports[h]["banned_in"] == [] and reports[h]["unbanned"] is False
+    for h, rep in reports.items():
+        assert rep["whitelisted"] == "new", (h, rep)
+        assert rep["request_id"] == "req-1" and rep["errors"] == []
+        assert sorted(rep["jails"]) == ["asterisk", "sshd"]
+    assert "-3.3.3.3" in (fleet["gv3p"].dir / "actions.log").read_text()
+    assert fleet["gv1p"].banned_jails("4.4.4.4") == ["sshd"]
+
+    def check_whitelisted():
+        for h, f2b in fleet.items():
+            assert f2b.banned_jails(IP) == [], h
+            for jail in f2b.JAILS:
+                ignored = f2b.ignore_list(jail)
+                assert IP in ignored, (h, jail, ignored)
+                assert {"127.0.0.0/8", "::1"} <= set(ignored), (h, jail, ignored)
+            if h == "gv1p":
+                assert all("10.9.9.9" in f2b.ignore_list(j) for j in f2b.JAILS)
+
+    check_whitelisted()
+    for f2b in fleet.values():
+        assert f2b.client("reload").returncode == 0
+    check_whitelisted()
+    fleet["gv2p"].stop()
+    fleet["gv2p"].start()
+    check_whitelisted()
+
+    again = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert again.succeeded, again.to_dict()
+    assert {h: again.hosts[h].status for h in fleet} == dict.fromkeys(fleet, "ok")
+    assert {again.hosts[h].report["whitelisted"] for h in fleet} == {"already"}
+
+
+def test_whitelist_present_absent_list(sshd, fleet, workdir):
+    fleet["gv2p"].ban("sshd", IP)
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet)
+    for ip in (IP, "5.5.5.5"):
+        res = run_playbook("whitelist.yml", inventory=inv, extravars={"ip": ip, "state": "present"})
+        assert res.succeeded, res.to_dict()
+        assert {res.hosts[h].report["whitelisted"] for h in fleet} == {"new"}
+    # whitelist.yml never unbans.
+    assert fleet["gv2p"].banned_jails(IP) == ["sshd"]
+
+    gone = run_playbook("whitelist.yml", inventory=inv, extravars={"ip": IP, "state": "absent"}, diff=True)
+    assert gone.succeeded, gone.to_dict()
+    for h in fleet:
+        rep = gone.hosts[h].report
+        assert rep["whitelisted"] == "removed" and rep["managed"] == ["5.5.5.5"], rep
+        assert rep["backup_file"] and Path(rep["backup_file"]).is_file()
+        assert IP in Path(rep["backup_file"]).read_text()
+    for f2b in fleet.values():
+        f2b.client("reload")
+    for h, f2b in fleet.items():
+        for jail in f2b.JAILS:
+            ignored = f2b.ignore_list(jail)
+            assert IP not in ignored and "5.5.5.5" in ignored and "::1" in ignored, (h, jail)
+        if h == "gv1p":
+            assert "10.9.9.9" in f2b.ignore_list("asterisk")
+
+    listed = run_playbook("whitelist.yml", inventory=inv, extravars={"state": "list"})
+    assert listed.succeeded, listed.to_dict()
+    for h in fleet:
+        rep = listed.hosts[h].report
+        assert listed.hosts[h].status == "ok"
+        assert "5.5.5.5" in rep["whitelist"] and IP not in rep["whitelist"], rep
+        assert "127.0.0.0/8" in rep["whitelist"]
+    assert "10.9.9.9" in listed.hosts["gv1p"].report["whitelist"]
+
+    # Absent again: nothing to do. Removing an address jail.local whitelists: kept.
+    again = run_playbook("whitelist.yml", inventory=inv, extravars={"ip": IP, "state": "absent"})
+    assert {again.hosts[h].status for h in fleet} == {"ok"}
+    assert {again.hosts[h].report["whitelisted"] for h in fleet} == {"absent"}
+    kept = run_playbook("whitelist.yml", inventory=inv, extravars={"ip": "10.9.9.9", "state": "absent"})
+    assert kept.hosts["gv1p"].status == "ok"
+    assert sorted(kept.hosts["gv1p"].report["kept_by_config"]) == ["asterisk", "sshd"]
+    assert "10.9.9.9" in fleet["gv1p"].ignore_list("sshd")
+
+
+def test_unreachable_host_does_not_stop_the_others(ssh_keys, sshd, fleet, workdir):
+    fleet["gv1p"].ban("asterisk", IP)
+    down = servers.SSHD(ssh_keys).start()
+    down.stop()
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet, extra={"gv2p": down.ansible_vars()})
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert not res.succeeded
+    assert res.unreachable == ["gv2p"]
+    assert res.hosts["gv2p"].report == {}
+    assert res.hosts["gv1p"].report["unbanned"] is True
+    assert {res.hosts[h].status for h in ("gv1p", "gv3p")} == {"changed"}
+    assert IP in fleet["gv3p"].ignore_list("sshd")
+    assert IP not in fleet["gv2p"].ignore_list("sshd")
+
+
+@pytest.mark.parametrize(
+    "bad", ["0.0.0.0/0", "127.0.0.1", "3.3.3.3;id", "999.1.1.1", "::", "224.0.0.1", ""]
+)
+def test_invalid_address_fails_before_any_host(bad, fail2ban_factory, workdir):
+    f2b = fail2ban_factory("gv1p")
+    f2b.ban("asterisk", IP)
+    # A local host: if the play ever reached it, its state would change.
+    inv = servers.write_inventory(
+        workdir / "inv.yml",
+        {"fail2ban_servers": {"gv1p": host_vars(f2b, ansible_connection="local")}},
+        {"ansible_python_interpreter": servers.target_python()},
+    )
+    before = snapshot(f2b)
+    playbook = "unban.yml" if bad != "" else "whitelist.yml"
+    res = run_playbook(playbook, inventory=inv, extravars={"ip": bad, "state": "present"})
+    assert not res.succeeded
+    assert "gv1p" not in res.hosts, res.to_dict()
+    assert res.hosts["localhost"].status == "failed"
+    assert "Refusing address" in " ".join(res.hosts["localhost"].errors)
+    assert snapshot(f2b) == before
+
+
+def test_old_target_pythons_and_old_fail2ban_clients(sshd, fail2ban_factory, workdir):
+    """The modules on Python 2.7 / 3.6 / 3.11 targets, and the fallbacks for old fail2ban.
+
+    fail2ban before 0.10.6 has no `banned` command (and no `get JAIL banned`). That old
+    version cannot run here, so a wrapper around the real client refuses those commands
+    the way the old server does (rc 255) and passes everything else through.
+    """
+    fleet = {n: fail2ban_factory(n) for n in ("py27", "py36", "py311")}
+    wrappers = {}
+    calls = {}
+    for name, refuse_get in (("py27", False), ("py36", True)):
+        script = workdir / f"old-client-{name}"
+        calls[name] = workdir / f"calls-{name}.log"
+        # argv is: -c DIR COMMAND...; $3 is the command.
+        script.write_text(
+            "#!/bin/sh\n"
+            f'echo "$*" >> {calls[name]}\n'
+            'if [ "$3" = banned ]'
+            + (' || { [ "$3" = get ] && [ "$5" = banned ]; }' if refuse_get else "")
+            + '; then echo "ERROR  Invalid command" >&2; exit 255; fi\n'
+            'exec fail2ban-client "$@"\n'
+        )
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        wrappers[name] = str(script)
+    for f2b in fleet.values():
+        f2b.ban("sshd", IP)
+    extra = {
+        "py27": {"ansible_python_interpreter": servers.pyenv_python("2.7"),
+                 "fail2ban_whitelist_client": wrappers["py27"]},
+        "py36": {"ansible_python_interpreter": servers.pyenv_python("3.6"),
+                 "fail2ban_whitelist_client": wrappers["py36"]},
+        "py311": {},
+    }
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet, extra=extra)
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert res.succeeded, res.to_dict()
+    for h, f2b in fleet.items():
+        assert res.hosts[h].report["banned_in"] == ["sshd"], (h, res.hosts[h].report)
+        assert f2b.banned_jails(IP) == []
+        assert IP in f2b.ignore_list("asterisk")
+    # py27 fell back to `get JAIL banned IP`, py36 (no `get ... banned` either) to `status JAIL`.
+    assert "get sshd banned 3.3.3.3" in calls["py27"].read_text()
+    assert "status sshd" not in calls["py27"].read_text()
+    assert "status sshd" in calls["py36"].read_text()
+    again = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
+
+
+def test_local_connection_hosts_disabled_and_failing(fail2ban_factory, workdir):
+    """Demo-style hosts (ansible_connection=local): a disabled host, a host whose jail.local
+    sets no ignoreip, and a host whose fail2ban is down (fails, the others go on)."""
+    ok = fail2ban_factory("demo1")
+    bare = servers.Fail2ban(workdir / "f2b" / "demo2", ignoreip="")
+    bare.write_config()
+    jail_local = bare.dir / "jail.local"
+    jail_local.write_text(jail_local.read_text().replace("ignoreip = \n", ""))
+    bare = fail2ban_factory("demo2")  # starts on the config written above
+    off = fail2ban_factory("off")
+    stopped = servers.Fail2ban(workdir / "f2b" / "stopped")
+    stopped.write_config()
+    ok.ban("asterisk", "2001:db8::7")
+    inv = servers.write_inventory(
+        workdir / "inv.yml",
+        {"fail2ban_servers": {
+            "demo1": host_vars(ok),
+            "demo2": host_vars(bare),
+            "off": host_vars(off, enabled=False),
+            "stopped": host_vars(stopped),
+        }},
+        {"ansible_connection": "local", "ansible_python_interpreter": servers.target_python()},
+    )
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": "2001:DB8::7"})
+    assert res.failed == ["stopped"]
+    assert res.hosts["stopped"].report["errors"], res.to_dict()
+    assert res.hosts["off"].report == {"disabled": True}
+    assert not (off.dir / MANAGED).exists()
+    assert res.hosts["demo1"].report["banned_in"] == ["asterisk"]
+    assert res.hosts["demo1"].report["ip"] == "2001:db8::7"
+    for f2b in (ok, bare):
+        assert f2b.client("reload").returncode == 0
+        for jail in f2b.JAILS:
+            assert "2001:db8::7" in f2b.ignore_list(jail), (f2b.dir, jail)
+    assert bare.ignore_list("sshd") == ["2001:db8::7"]
+    assert os.path.exists(ok.dir / MANAGED)
