@@ -1,0 +1,255 @@
+"""playbooks/macchange.yml against real files over real SSH on loopback.
+
+Each test gets its own copies of the fixture endpoint files (owned by
+nobody:nogroup, mode 0640, to show owner and mode survive), reached through
+inventory aliases on the session's sshd. The provisioning monitor is a shell
+command that appends a line to a file, so the tests see whether it was called.
+The forced failure of the second write is real: endpoints_sip.def is made
+immutable (chattr +i), which stops even root from replacing it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dispatcher.runner import run_playbook
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "endpoints"
+DEF_NAME, SIP_NAME = "__ENDPOINTS__.DEF", "endpoints_sip.def"
+ORIG_DEF = (FIXTURES / DEF_NAME).read_bytes()
+ORIG_SIP = (FIXTURES / SIP_NAME).read_bytes()
+NOBODY = 65534
+
+
+def with_mac(mac: str) -> tuple[bytes, bytes]:
+    """The fixture files with extension 3010 holding `mac` ('' for none), all else equal."""
+    def_old, sip_old = b"'serialnumber': '010203040506'", b"3010;MAC:010203040506;"
+    assert ORIG_DEF.count(def_old) == 1 and ORIG_SIP.count(sip_old) == 1
+    return (
+        ORIG_DEF.replace(def_old, b"'serialnumber': '%s'" % mac.encode()),
+        ORIG_SIP.replace(sip_old, b"3010;MAC:%s;" % (mac or "None").encode()),
+    )
+
+
+class MacHost:
+    """One inventory alias with its own endpoint files, backups and monitor log."""
+
+    def __init__(self, root: Path, alias: str):
+        self.alias = alias
+        self.dir = root / alias
+        self.dir.mkdir(parents=True)
+        self.def_path, self.sip_path = self.dir / DEF_NAME, self.dir / SIP_NAME
+        self.monitor_log = root / f"{alias}-monitor.log"
+        for path, data in ((self.def_path, ORIG_DEF), (self.sip_path, ORIG_SIP)):
+            path.write_bytes(data)
+            os.chown(path, NOBODY, NOBODY)
+            path.chmod(0o640)
+
+    def hostvars(self, python: str, **extra) -> dict:
+        return {
+            "ansible_python_interpreter": python,
+            "endpoint_mac_endpoints_def": str(self.def_path),
+            "endpoint_mac_endpoints_sip": str(self.sip_path),
+            "endpoint_mac_backup_keep": 2,
+            "endpoint_mac_monitor_command": [
+                "/bin/sh", "-c", f"echo notified >> {self.monitor_log}",
+            ],
+            **extra,
+        }
+
+    def files(self) -> tuple[bytes, bytes]:
+        return self.def_path.read_bytes(), self.sip_path.read_bytes()
+
+    def backups(self) -> list[str]:
+        return sorted(p.name for p in self.dir.iterdir() if p.name.endswith(".bak"))
+
+    def notifications(self) -> int:
+        return len(self.monitor_log.read_text().splitlines()) if self.monitor_log.exists() else 0
+
+    def assert_owner_and_mode(self) -> None:
+        for path in (self.def_path, self.sip_path):
+            info = path.stat()
+            assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (NOBODY, NOBODY, 0o640), path
+        assert sorted(p.name for p in self.dir.iterdir() if not p.name.endswith(".bak")) == sorted(
+            [DEF_NAME, SIP_NAME]), "a temp file was left behind"
+
+
+@pytest.fixture
+def fleet(sshd, workdir):
+    """Build an inventory: gv2p (enabled MAC server), gv3p (disabled), voip1 (no MAC files)."""
+
+    def make(python: str = servers.target_python(), **extra):
+        gv2p, gv3p = MacHost(workdir, "gv2p"), MacHost(workdir, "gv3p")
+        inventory = servers.write_inventory(
+            workdir / "inventory.yml",
+            {
+                "sip_servers": {"gv2p": {}, "gv3p": {}, "voip1": {}},
+                "mac_servers": {
+                    "gv2p": gv2p.hostvars(python, **extra),
+                    "gv3p": gv3p.hostvars(python, enabled=False),
+                },
+                "fail2ban_servers": {"voip1": {}},
+            },
+            all_vars={**sshd.ansible_vars(), "ansible_python_interpreter": python},
+        )
+        return inventory, gv2p, gv3p
+
+    return make
+
+
+def macchange(inventory, check: bool = False, **extravars):
+    ev = {"target": "gv2p", "extension": "3010", "request_id": "20251111_202744_req001"}
+    ev.update(extravars)
+    return run_playbook("macchange.yml", inventory=inventory, extravars=ev, check=check, diff=check)
+
+
+def test_three_legacy_runs_in_sequence(fleet):
+    inventory, host, _ = fleet()
+    stale = host.dir / f"{DEF_NAME}.20200101_000000.bak"  # an old backup, to be pruned
+    stale.write_bytes(b"old")
+
+    # Check mode first: the report shows the change, the files stay byte-identical.
+    res = macchange(inventory, check=True, mac_current="010203040506", mac_new="01:02:03:04:05:99")
+    assert res.succeeded, res.to_dict()
+    assert res.hosts["gv2p"].status == "changed"
+    report = res.hosts["gv2p"].report
+    assert report["check_mode"] is True and report["changed"] is True
+    assert report["files"]["endpoints_def"]["before"] == "'serialnumber': '010203040506',"
+    assert report["files"]["endpoints_def"]["after"] == "'serialnumber': '010203040599',"
+    assert report["files"]["endpoints_sip"]["after"].startswith("3010;MAC:010203040599;MODEL:")
+    assert report["backups"] == [] and report["notified"] is False
+    assert host.files() == (ORIG_DEF, ORIG_SIP)
+    assert host.backups() == [stale.name] and host.notifications() == 0
+
+    # 1. replace
+    res = macchange(inventory, mac_current="010203040506", mac_new="010203040599")
+    assert res.succeeded, res.to_dict()
+    report = res.hosts["gv2p"].report
+    assert report["operation"] == "replace" and report["changed"] is True and report["notified"] is True
+    assert report["request_id"] == "20251111_202744_req001"
+    assert report["files"]["endpoints_sip"]["before"].startswith("3010;MAC:010203040506;")
+    assert host.files() == with_mac("010203040599")
+    assert host.notifications() == 1
+    host.assert_owner_and_mode()
+    backups = [Path(p) for p in report["backups"]]
+    assert [p.parent for p in backups] == [host.dir, host.dir]
+    assert (backups[0].read_bytes(), backups[1].read_bytes()) == (ORIG_DEF, ORIG_SIP)
+    assert backups[0].stat().st_uid == NOBODY and backups[0].stat().st_mode & 0o777 == 0o640
+
+    # The same request again is a no-op: nothing written, nobody notified.
+    res = macchange(inventory, mac_current="010203040506", mac_new="010203040599")
+    assert res.succeeded, res.to_dict()
+    assert res.hosts["gv2p"].status == "ok"
+    assert res.hosts["gv2p"].report["changed"] is False
+    assert res.hosts["gv2p"].report["notified"] is False
+    assert host.files() == with_mac("010203040599") and host.notifications() == 1
+
+    # 2. remove
+    res = macchange(inventory, mac_current="010203040599", mac_new="")
+    assert res.succeeded, res.to_dict()
+    report = res.hosts["gv2p"].report
+    assert report["operation"] == "remove" and report["notified"] is True
+    assert report["files"]["endpoints_sip"]["after"].startswith("3010;MAC:None;")
+    assert host.files() == with_mac("")
+    assert host.notifications() == 2
+
+    # 3. add: the legacy warning names the other extension without a MAC.
+    res = macchange(inventory, mac_current="", mac_new="010203040588")
+    assert res.succeeded, res.to_dict()
+    report = res.hosts["gv2p"].report
+    assert report["operation"] == "add" and report["notified"] is True
+    assert report["warnings"] == ["other extensions also have no MAC: 2010"]
+    assert host.files() == with_mac("010203040588")
+    assert host.notifications() == 3
+    host.assert_owner_and_mode()
+
+    # Backups: 3 changes made 3 of each file; keep=2 pruned the rest and the stale one.
+    names = host.backups()
+    assert len(names) == 4 and stale.name not in names
+    assert sum(n.startswith(DEF_NAME) for n in names) == 2
+    assert len(report["backups_pruned"]) == 2  # the replace run's pair
+    assert not any(Path(p).exists() for p in report["backups_pruned"])
+    latest = [Path(p) for p in report["backups"]]
+    assert (latest[0].read_bytes(), latest[1].read_bytes()) == with_mac("")
+
+
+@pytest.mark.parametrize(
+    "extravars, message",
+    [
+        ({"mac_current": "010203040507", "mac_new": "010203040599"},
+         "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds "
+         "MAC 010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written."),
+        ({"extension": "3999", "mac_current": "010203040506", "mac_new": "010203040599"},
+         "extension 3999 is in neither file"),
+        ({"mac_current": "010203040506", "mac_new": "805EC09B49F3"},
+         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)"),
+    ],
+    ids=["mac-mismatch", "unknown-extension", "duplicate-new-mac"],
+)
+def test_refused_change_writes_nothing(fleet, extravars, message):
+    inventory, host, _ = fleet()
+    res = macchange(inventory, **extravars)
+    assert not res.succeeded
+    result = res.hosts["gv2p"]
+    assert result.status == "failed"
+    assert message in result.report["error"]
+    assert any(message in e for e in result.errors)
+    assert result.report["changed"] is False and result.report["notified"] is False
+    assert host.files() == (ORIG_DEF, ORIG_SIP)
+    assert host.backups() == [] and host.notifications() == 0
+
+
+@pytest.mark.parametrize(
+    "extravars, message",
+    [
+        ({"target": "voip1"}, "target voip1 must be one enabled host of the mac_servers group"),
+        ({"target": "gv3p"}, "target gv3p must be one enabled host of the mac_servers group"),
+        ({"extension": "30x0"}, "the extension must be digits"),
+        ({"mac_new": "0102030405"}, "each MAC 12 hex digits or empty"),
+    ],
+    ids=["not-a-mac-server", "disabled-host", "bad-extension", "bad-mac"],
+)
+def test_bad_request_is_refused_before_any_host(fleet, extravars, message):
+    inventory, gv2p, gv3p = fleet()
+    ev = {"mac_current": "010203040506", "mac_new": "010203040599", **extravars}
+    res = macchange(inventory, **ev)
+    assert not res.succeeded
+    assert list(res.hosts) == ["localhost"]
+    assert any(message in e for e in res.hosts["localhost"].errors), res.to_dict()
+    for host in (gv2p, gv3p):
+        assert host.files() == (ORIG_DEF, ORIG_SIP) and host.notifications() == 0
+
+
+@pytest.mark.parametrize("version", ["2.7", "3.6", "3"])
+def test_apply_and_failed_second_write_on_target_python(fleet, version):
+    python = servers.target_python() if version == "3" else servers.pyenv_python(version)
+    inventory, host, _ = fleet(python=python)
+
+    res = macchange(inventory, mac_current="010203040506", mac_new="010203040599")
+    assert res.succeeded, res.to_dict()
+    assert res.hosts["gv2p"].report["operation"] == "replace"
+    assert host.files() == with_mac("010203040599")
+    host.assert_owner_and_mode()
+
+    # endpoints_sip.def is written second; make that write fail for real.
+    before = host.files()
+    subprocess.run(["chattr", "+i", str(host.sip_path)], check=True)
+    try:
+        res = macchange(inventory, mac_current="010203040599", mac_new="")
+    finally:
+        subprocess.run(["chattr", "-i", str(host.sip_path)], check=True)
+    assert not res.succeeded
+    error = res.hosts["gv2p"].report["error"]
+    assert "cannot write endpoints_sip.def" in error
+    assert "__ENDPOINTS__.DEF was restored: both files are as they were" in error
+    assert host.files() == before
+    host.assert_owner_and_mode()
+    assert host.notifications() == 1  # only the successful replace
