@@ -1,0 +1,351 @@
+"""Pure helpers of roles/recordings (module_utils/athome_recordings.py), tested directly.
+
+The same file is imported by the modules on the recordings host (Python 2.7,
+3.6, 3.11) and on the controller; the last tests run it under 2.7 and 3.6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import zipfile
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import recordings_support as rs
+from tests.servers import pyenv_python
+
+H = rs.helpers()
+
+DAYS = [
+    date(2024, 12, 30),
+    date(2024, 12, 31),
+    date(2025, 1, 1),
+    date(2025, 1, 31),
+    date(2025, 2, 1),
+    date(2024, 2, 28),
+    date(2024, 2, 29),
+    date(2024, 3, 1),
+]
+BOUNDARIES = [
+    datetime(2024, 12, 31, 22, 0, 0),
+    datetime(2025, 1, 1, 2, 0, 0),
+    datetime(2025, 1, 1, 2, 0, 59),
+    datetime(2025, 1, 1, 2, 1, 0),
+    datetime(2024, 12, 31, 21, 59, 59),
+]
+CALLS = rs.generate_calls(DAYS, 150, seed=11, boundaries=BOUNDARIES)
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rec")
+    rs.write_tree(base / "dated", CALLS, "dated")
+    rs.write_tree(base / "flat", CALLS, "flat")
+    return base
+
+
+def matcher(exts, start, end, **kw):
+    return H.NameMatcher(exts, H.Window(start, end), **kw)
+
+
+# ------------------------------------------------------------------------ names
+
+
+def test_default_pattern_parses_every_direction_and_dotted_uniqueid():
+    m = matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59")
+    f = m.parse("in-1121-5511999990000-20251104-120304-1730732584.123.wav")
+    assert f == {
+        "direction": "in",
+        "dst": "1121",
+        "src": "5511999990000",
+        "date": "20251104",
+        "time": "120304",
+        "uniqueid": "1730732584.123",
+        "suffix": "wav",
+    }
+    assert m.parse("out-5511999990000-1121-20251104-120304-1.2.mp3")["src"] == "1121"
+    assert m.parse("q-5000--20251104-120304-1.2.wav")["src"] == ""
+    assert m.parse("in-1121-551199-2025110-120304-1.2.wav") is None  # 7-digit date
+    assert m.parse("README.txt") is None
+
+
+def test_extension_is_matched_as_a_field_never_as_a_substring():
+    m = matcher(["112"], "2025-11-04 00:00", "2025-11-04 23:59")
+    assert m.match("in-112-5511999990000-20251104-120304-1.1.wav")[1] == ["112"]
+    assert m.match("in-1121-5511999990000-20251104-120304-1.1.wav") is None  # 112 inside 1121
+    assert m.match("in-2010-5511211200000-20251104-120304-1.1.wav") is None  # inside a phone number
+    assert m.match("out-5511211200000-1121-20251104-120304-1.1.wav") is None
+    m2 = matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59")
+    assert m2.match("in-11210-5511999990000-20251104-120304-1.1.wav") is None
+    # out: the extension is the source; the destination number does not count even if equal digits.
+    assert m2.match("out-5511999990000-1121-20251104-120304-1.1.wav")[1] == ["1121"]
+    assert m2.match("out-1121-5511999990000-20251104-120304-1.1.wav") is None
+    # an unknown direction (internal) matches either side
+    both = matcher(["1121", "1122"], "2025-11-04 00:00", "2025-11-04 23:59")
+    assert both.match("internal-1122-1121-20251104-120304-1.1.wav")[1] == ["1122", "1121"]
+
+
+def test_suffixes_filter_and_custom_pattern():
+    m = matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59")
+    assert m.match("in-1121-55-20251104-120304-1.1.wav.part") is None
+    custom = matcher(
+        ["1121"],
+        "2025-11-04 00:00",
+        "2025-11-04 23:59",
+        pattern=r"^(?P<date>\d{8})_(?P<time>\d{6})_(?P<dst>\d+)_(?P<src>\d+)\.(?P<suffix>wav)$",
+        extension_fields={"*": ["dst", "src"]},
+    )
+    assert custom.match("20251104_120304_1121_5511.wav")[0] == "20251104120304"
+    with pytest.raises(H.RecordingsError, match="lacks the named group"):
+        matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59", pattern=r"^(?P<date>\d{8})$")
+
+
+# ----------------------------------------------------------------------- window
+
+
+def test_window_is_inclusive_at_minute_resolution():
+    w = H.Window("2025-11-01 08:00", "2025-11-01 17:30")
+    assert w.contains("20251101080000")  # exactly at start
+    assert not w.contains("20251101075959")  # one second before start
+    assert w.contains("20251101173000")  # exactly at end
+    assert w.contains("20251101173059")  # anywhere in the end minute
+    assert not w.contains("20251101173100")
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "dirs"),
+    [
+        ("2025-11-04 23:30", "2025-11-05 00:30", ["2025/11/04", "2025/11/05"]),  # midnight
+        ("2025-01-31 22:00", "2025-02-01 01:00", ["2025/01/31", "2025/02/01"]),  # month end
+        ("2024-12-31 23:00", "2025-01-01 00:59", ["2024/12/31", "2025/01/01"]),  # year end
+        ("2024-02-28 12:00", "2024-03-01 00:00", ["2024/02/28", "2024/02/29", "2024/03/01"]),  # leap day
+        ("2025-11-04 10:00", "2025-11-04 10:00", ["2025/11/04"]),
+    ],
+)
+def test_day_dirs_cover_exactly_the_days_of_the_window(start, end, dirs):
+    assert H.Window(start, end).day_dirs() == dirs
+    assert H.Window(start, end).day_dirs("%Y-%m-%d") == [d.replace("/", "-") for d in dirs]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [
+        ("2025-11-05 00:00", "2025-11-04 23:59", "before start"),
+        ("2025-02-30 00:00", "2025-03-01 00:00", "not a valid date"),
+        ("04/11/2025 00:00", "2025-11-04 23:59", "is not 'YYYY-MM-DD HH:MM'"),
+        ("2025-01-01 00:00", "2025-12-31 23:59", "more than the 92 allowed"),
+    ],
+)
+def test_bad_windows_are_refused(start, end, message):
+    with pytest.raises(H.RecordingsError, match=message):
+        H.Window(start, end, max_days=92)
+
+
+@pytest.mark.parametrize("bad", [[], "1121", ["11a"], ["1"], ["12345678901"], [" "]])
+def test_bad_extensions_are_refused(bad):
+    with pytest.raises(H.RecordingsError):
+        H.normalize_extensions(bad)
+
+
+def test_extensions_are_normalised_and_deduplicated():
+    assert H.normalize_extensions([1121, "1122", " 1121 "]) == ["1121", "1122"]
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a b", "x" * 65, "-lead", "a/b"])
+def test_bad_request_ids_are_refused(bad):
+    with pytest.raises(H.RecordingsError):
+        H.check_request_id(bad)
+
+
+# --------------------------------------------------------------- against truth
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.datetimes(datetime(2024, 12, 30), datetime(2025, 2, 2)),
+    minutes=st.integers(0, 3 * 1440),
+    exts=st.lists(st.sampled_from(rs.EXTENSIONS), min_size=1, max_size=3, unique=True),
+)
+def test_matcher_agrees_with_the_generator_on_any_window(start, minutes, exts):
+    s = start.strftime("%Y-%m-%d %H:%M")
+    e = (start + timedelta(minutes=minutes)).strftime("%Y-%m-%d %H:%M")
+    m = matcher(exts, s, e)
+    got = sorted(c.name for c in CALLS if m.match(c.name) is not None)
+    assert got == sorted(c.name for c in rs.expected(CALLS, exts, s, e))
+
+
+@pytest.mark.parametrize("layout", ["dated", "flat"])
+def test_select_local_finds_exactly_the_expected_files(trees, layout):
+    start, end = "2024-12-31 22:00", "2025-01-01 02:00"
+    sel = H.select_local(str(trees / layout), matcher(["112", "1121"], start, end), layout)
+    want = rs.expected(CALLS, ["112", "1121"], start, end)
+    assert [i["path"] for i in sel.items] == [c.relpath(layout) for c in want]
+    assert sel.bytes == sum(len(c.body()) for c in want)
+    names = {c.name for c in want}
+    # boundary calls: 22:00:00 and 02:00:59 in; 21:59:59 and 02:01:00 out
+    assert any("-20241231-220000-" in n for n in names)
+    assert any("-20250101-020059-" in n for n in names)
+    assert not any("-20241231-215959-" in n or "-20250101-020100-" in n for n in names)
+    per = sel.per_extension(["112", "1121"])
+    assert per["112"] == sum(1 for c in want if "112" in c.parties)
+    assert per["1121"] == sum(1 for c in want if "1121" in c.parties)
+    if layout == "dated":  # only the two day folders of the window were listed
+        assert sel.dirs_listed == 2
+        assert sel.scanned == sum(1 for c in CALLS if c.when.date() in (date(2024, 12, 31), date(2025, 1, 1)))
+    else:
+        assert sel.dirs_listed == 1 and sel.scanned == len(CALLS)
+
+
+def test_missing_day_folders_and_root(trees):
+    sel = H.select_local(str(trees / "dated"), matcher(["1121"], "2030-01-01 00:00", "2030-01-02 00:00"))
+    assert sel.items == [] and sel.dirs_listed == 2 and sel.scanned == 0
+    with pytest.raises(H.RecordingsError, match="not a folder"):
+        H.select_local(str(trees / "nope"), matcher(["1121"], "2030-01-01 00:00", "2030-01-02 00:00"))
+
+
+def test_limits_produce_a_refusal_that_suggests_a_narrower_window(trees):
+    sel = H.select_local(
+        str(trees / "dated"), matcher(["112", "1121"], "2024-12-30 00:00", "2025-01-01 23:59")
+    )
+    assert sel.over_limits(0, 0) is None
+    assert sel.over_limits(sel.selected, sel.bytes) is None
+    msg = sel.over_limits(sel.selected - 1, 0)
+    assert f"{sel.selected} files (limit {sel.selected - 1})" in msg and "narrower window" in msg
+    assert "limit 1.0 KiB" in sel.over_limits(0, 1024)
+
+
+def test_digest_changes_with_the_selection(trees):
+    a = H.select_local(str(trees / "dated"), matcher(["1121"], "2024-12-31 00:00", "2024-12-31 23:59"))
+    b = H.select_local(str(trees / "dated"), matcher(["1121"], "2024-12-31 00:00", "2024-12-31 23:59"))
+    c = H.select_local(str(trees / "dated"), matcher(["1121"], "2024-12-31 00:00", "2024-12-31 22:59"))
+    assert a.digest() == b.digest() != c.digest()
+
+
+# -------------------------------------------------------------------------- zip
+
+
+def test_zip_entries_match_the_selection_one_by_one(trees, tmp_path):
+    start, end = "2025-01-31 20:00", "2025-02-01 04:00"
+    sel = H.select_local(str(trees / "dated"), matcher(["1122", "3001"], start, end))
+    want = rs.expected(CALLS, ["1122", "3001"], start, end)
+    H.write_local_zip(sel, str(tmp_path / "x.zip"), "deflated", comment="athome-recordings sha256=abc")
+    with zipfile.ZipFile(tmp_path / "x.zip") as zf:
+        assert zf.testzip() is None
+        infos = zf.infolist()
+        assert len(infos) == len(want) > 0
+        for info, call in zip(infos, want, strict=True):
+            assert info.filename == call.relpath("dated")
+            assert zf.read(info) == call.body()
+            assert info.compress_type == zipfile.ZIP_DEFLATED
+    assert H.zip_comment(str(tmp_path / "x.zip")) == "athome-recordings sha256=abc"
+    assert H.zip_comment(str(tmp_path / "missing.zip")) is None
+
+
+def test_zip64_records_are_written_when_sizes_pass_the_limit(trees, tmp_path, monkeypatch):
+    # Lowering zipfile's limit exercises the ZIP64 path without writing 4 GB in the suite
+    # (the bench zips 2 GB for real).
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 64)
+    sel = H.select_local(str(trees / "dated"), matcher(["1121"], "2024-12-31 00:00", "2024-12-31 23:59"))
+    H.write_local_zip(sel, str(tmp_path / "z.zip"))
+    raw = (tmp_path / "z.zip").read_bytes()
+    assert b"PK\x06\x06" in raw  # ZIP64 end of central directory record
+    monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "z.zip") as zf:
+        assert zf.testzip() is None
+        assert zf.namelist() == [i["path"] for i in sel.items]
+
+
+# ----------------------------------------------------------------------- legacy
+
+
+def test_legacy_request_has_exactly_the_legacy_shape():
+    doc = H.legacy_request(
+        ["1121", "1122"],
+        "2025-09-29 00:00",
+        "2025-10-27 23:59",
+        "user@example.com",
+        "20251111_150122_req001",
+        "2025-11-11 15:01:22",
+    )
+    text = H.legacy_json(doc)
+    parsed = json.loads(text)
+    assert list(parsed) == [
+        "parameters",
+        "request_id",
+        "timestamp_received",
+        "from_email",
+        "status",
+        "retries",
+    ]
+    assert list(parsed["parameters"]) == ["ramais", "inicio", "fim", "email"]
+    assert parsed == {
+        "parameters": {
+            "ramais": "1121,1122",
+            "inicio": "29/09/2025 00:00",
+            "fim": "27/10/2025 23:59",
+            "email": "user@example.com",
+        },
+        "request_id": "20251111_150122_req001",
+        "timestamp_received": "2025-11-11 15:01:22",
+        "from_email": "user@example.com",
+        "status": "pending",
+        "retries": 0,
+    }
+    assert H.same_legacy_request(text.replace("15:01:22", "16:00:00"), doc)
+    assert not H.same_legacy_request(text.replace("1121,1122", "1121"), doc)
+    with pytest.raises(H.RecordingsError, match="not an email"):
+        H.legacy_request(["1121"], "2025-09-29 00:00", "2025-10-27 23:59", "nobody", "r1", "x")
+
+
+def test_write_exclusive_never_overwrites_and_leaves_no_temporary(tmp_path):
+    path = H.write_exclusive(str(tmp_path), "r1.json", "first\n")
+    assert Path(path).read_text() == "first\n"
+    with pytest.raises(FileExistsError):
+        H.write_exclusive(str(tmp_path), "r1.json", "second\n")
+    assert Path(path).read_text() == "first\n"
+    assert sorted(os.listdir(tmp_path)) == ["r1.json"]
+
+
+# ------------------------------------------------------------- old interpreters
+
+OLD_PYTHON_SCRIPT = r"""
+import json, sys, zipfile
+import athome_recordings as h
+root, layout, dest = sys.argv[1], sys.argv[2], sys.argv[3]
+zipfile.ZIP64_LIMIT = 64
+m = h.NameMatcher(["112", "1121"], h.Window("2024-12-31 22:00", "2025-01-01 02:00"))
+sel = h.select_local(root, m, layout)
+h.write_local_zip(sel, dest, "stored", "c")
+doc = h.legacy_request(["1121"], "2025-09-29 00:00", "2025-10-27 23:59", "u@example.com", "r1", "t")
+print(json.dumps({"paths": [i["path"] for i in sel.items], "legacy": h.legacy_json(doc),
+                  "per": dict(sel.per_extension(["112", "1121"]))}))
+"""
+
+
+@pytest.mark.parametrize(("version", "layout"), [("2.7", "flat"), ("3.6", "dated")])
+def test_helpers_run_unchanged_on_old_target_pythons(trees, tmp_path, version, layout):
+    dest = tmp_path / "old.zip"
+    out = subprocess.run(
+        [pyenv_python(version), "-c", OLD_PYTHON_SCRIPT, str(trees / layout), layout, str(dest)],
+        env=dict(os.environ, PYTHONPATH=str(rs.MODULE_UTILS)),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    got = json.loads(out)
+    want = rs.expected(CALLS, ["112", "1121"], "2024-12-31 22:00", "2025-01-01 02:00")
+    assert got["paths"] == [c.relpath(layout) for c in want]
+    assert json.loads(got["legacy"])["parameters"]["inicio"] == "29/09/2025 00:00"
+    assert got["legacy"] == H.legacy_json(
+        H.legacy_request(["1121"], "2025-09-29 00:00", "2025-10-27 23:59", "u@example.com", "r1", "t")
+    )
+    with zipfile.ZipFile(dest) as zf:  # a ZIP64 archive made by the old interpreter reads back
+        assert zf.testzip() is None
+        assert [zf.read(n) for n in zf.namelist()] == [c.body() for c in want]
+    assert b"PK\x06\x06" in dest.read_bytes()
