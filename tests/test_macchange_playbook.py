@@ -253,3 +253,15 @@ def test_apply_and_failed_second_write_on_target_python(fleet, version):
     assert host.files() == before
     host.assert_owner_and_mode()
     assert host.notifications() == 1  # only the successful replace
+
+
+def test_monitor_that_cannot_be_notified_fails_the_host_but_reports_the_change(fleet):
+    inventory, host, _ = fleet(
+        endpoint_mac_monitor_command=["/bin/sh", "-c", "echo arimonitor is down >&2; exit 3"])
+    res = macchange(inventory, mac_current="010203040506", mac_new="010203040599")
+    result = res.hosts["gv2p"]
+    assert result.status == "failed"
+    assert result.report["changed"] is True and result.report["notified"] is False
+    assert any("could not be notified: arimonitor is down" in w for w in result.report["warnings"])
+    assert any("changed in both files, but the provisioning monitor" in e for e in result.errors)
+    assert host.files() == with_mac("010203040599")
