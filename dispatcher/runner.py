@@ -70,6 +70,10 @@ class PlaybookResult:
     def failed(self) -> list[str]:
         return sorted(h for h, r in self.hosts.items() if r.status == "failed")
 
+    def without(self, names: tuple[str, ...]) -> PlaybookResult:
+        hosts = {h: r for h, r in self.hosts.items() if h not in names}
+        return PlaybookResult(self.playbook, self.status, self.rc, hosts, list(self.errors), self.elapsed)
+
     def to_dict(self) -> dict:
         return {
             "playbook": self.playbook,

@@ -306,6 +306,7 @@ class Dispatcher:
             )
             transient = True
         else:
+            result = spec.relevant(result)
             transient = spec.transient(cmd, result)
         _crash_point("work-after-run")
         if transient and job.attempts < job.max_attempts:

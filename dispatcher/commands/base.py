@@ -33,6 +33,13 @@ class CommandSpec:
     playbook: str | None = None  # None: answered by the dispatcher itself (HELP, STATUS)
     template: str = "result"  # replies: templates/<template>.txt.j2 and .html.j2
     admin_only: bool = False
+    # Hosts of controller-side plays (input checks on localhost) that are not
+    # part of the answer; a command whose work runs on the controller clears it.
+    ignore_hosts: tuple[str, ...] = ("localhost",)
+
+    def relevant(self, result: PlaybookResult) -> PlaybookResult:
+        """The result without the hosts that are not part of the answer."""
+        return result.without(self.ignore_hosts)
 
     def parse(self, text: str, ctx: ParseContext) -> Command:
         raise NotImplementedError

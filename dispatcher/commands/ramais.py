@@ -21,6 +21,7 @@ class Ramais(CommandSpec):
     example = "RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
     playbook = "recordings.yml"
     template = "ramais"
+    ignore_hosts = ()  # the S3 route runs on the controller
 
     def parse(self, text, ctx):
         pairs = grammar.split_keywords(text, self.example)

@@ -1,0 +1,278 @@
+"""From a command email in a real IMAP mailbox to a playbook run over SSH and two replies.
+
+Real parts: Dovecot (IMAP), aiosmtpd (SMTP), sshd and fail2ban-server on
+loopback; the dispatcher runs as the `athome` command line, as in production.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dispatcher.auth import TokenStore
+from tests import servers
+
+USER = "service@example.test"
+IMAP_PASSWORD = "imap-test-password"
+REQUESTER = "ana@example.test"
+ADMIN = "admin@example.test"
+HOSTS = ("gv1p", "gv2p", "gv3p")
+
+
+def athome(
+    cfg: Path, *args: str, crash_at: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    env.pop("ATHOME_CRASH_AT", None)
+    if crash_at:
+        env["ATHOME_CRASH_AT"] = crash_at
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    (cfg.parent / "cli.log").open("a").write(proc.stdout + proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"athome {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def command_email(subject: str, sender: str = REQUESTER, msgid: str = "<cmd-1@example.test>") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"Ana <{sender}>"
+    msg["To"] = USER
+    msg["Subject"] = subject
+    msg["Message-ID"] = msgid
+    msg.set_content("enviado pelo celular")
+    return msg.as_bytes()
+
+
+@pytest.fixture
+def site(workdir, sshd, dovecot, smtp, fail2ban_factory):
+    """A dispatcher configured against real IMAP/SMTP and three fail2ban hosts over SSH."""
+    f2b = {h: fail2ban_factory(h) for h in HOSTS}
+    conn = dict(sshd.ansible_vars(), ansible_python_interpreter=servers.target_python())
+    hostvars = {h: {"fail2ban_whitelist_conf_dir": str(f2b[h].dir), "audios_from": "audio"} for h in HOSTS}
+    inv = servers.write_inventory(
+        workdir / "inventory" / "hosts.yml",
+        {
+            "sip_servers": hostvars,
+            "fail2ban_servers": {h: {} for h in HOSTS},
+            "mac_servers": {"gv1p": {}},
+            "recordings": {"audio": {"enabled": True}},
+        },
+        conn,
+    )
+    tokens = TokenStore(workdir / "tokens.json")
+    _, token = tokens.add("e2e")
+    cfg = workdir / "athome.yml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(workdir / "state"),
+                "inventory": str(inv.parent),
+                "mail": {
+                    "transport": "imap",
+                    "from_address": USER,
+                    "admin_addresses": [ADMIN],
+                    "imap": {
+                        "host": "127.0.0.1",
+                        "port": dovecot.imap_port,
+                        "security": "plain",
+                        "user": USER,
+                        "password_env": "ATHOME_TEST_IMAP_PW",
+                    },
+                    "smtp": {"host": "127.0.0.1", "port": smtp.port, "security": "plain"},
+                },
+                "auth": {"senders": [REQUESTER], "tokens_file": str(tokens.path)},
+                "worker": {"retry_backoff": [0], "poll_interval": 1},
+            }
+        )
+    )
+    # Start from an empty mailbox.
+    subprocess.run(
+        ["doveadm", "-c", str(dovecot.conf), "expunge", "-u", USER, "mailbox", "INBOX", "all"], check=True
+    )
+    return {"cfg": cfg, "token": token, "f2b": f2b, "state": workdir / "state", "workdir": workdir}
+
+
+def replies(smtp) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(m[2].as_bytes(), policy=default_policy) for m in smtp.messages]
+
+
+def body(msg) -> str:
+    return msg.get_body(("plain",)).get_content()
+
+
+def assert_no_secret(site, smtp, *extra: str) -> None:
+    secrets = [site["token"], site["token"].lower(), IMAP_PASSWORD, *extra]
+    for path in Path(site["state"]).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for s in secrets:
+                assert s.encode() not in data, f"{s!r} leaked into {path}"
+    log = (site["cfg"].parent / "cli.log").read_text()
+    for s in secrets:
+        assert s not in log, f"{s!r} leaked into the logs"
+    for m in smtp.messages:
+        raw = m[2].as_bytes()
+        for s in secrets:
+            assert s.encode() not in raw, f"{s!r} leaked into a reply"
+
+
+def test_checkip_email_is_confirmed_run_over_ssh_and_answered(site, dovecot, smtp):
+    site["f2b"]["gv3p"].ban("asterisk", "3.3.3.3")
+    dovecot.deliver(USER, command_email(f"Re: [{site['token']}] CHECKIP=3.3.3.3"))
+
+    athome(site["cfg"], "poll", "--once")
+    [ack] = replies(smtp)
+    assert ack["In-Reply-To"] == "<cmd-1@example.test>"
+    assert "recebido" in ack["Subject"] and "CHECKIP=3.3.3.3" in body(ack)
+    assert dovecot.fetch_flags(USER) == ["\\Seen"], "flagged only after the job was queued"
+    [job] = list((site["state"] / "queue" / "pending").iterdir())
+    assert site["f2b"]["gv3p"].banned_jails("3.3.3.3") == ["asterisk"], "nothing ran yet"
+
+    athome(site["cfg"], "work", "--once")
+    ack, result = replies(smtp)
+    assert result["In-Reply-To"] == "<cmd-1@example.test>"
+    assert "✅" in result["Subject"] and "concluído" in result["Subject"]
+    text = body(result)
+    for host in HOSTS:
+        assert host in text
+        f2b = site["f2b"][host]
+        assert f2b.banned_jails("3.3.3.3") == []
+        assert all("3.3.3.3" in f2b.ignore_list(j) for j in f2b.JAILS)
+    assert "asterisk" in text, "the reply names the jail that banned it"
+    assert (site["state"] / "queue" / "done" / job.name).exists()
+    html = result.get_body(("html",)).get_content()
+    assert "<table" in html and "gv3p" in html
+    assert_no_secret(site, smtp)
+
+
+def test_hostile_and_malformed_commands_get_a_clear_reply_and_reach_no_server(site, dovecot, smtp):
+    subjects = [
+        f"[{site['token']}] CHECKIP=3.3.3.3;reboot",
+        f"[{site['token']}] CHECKIP={{{{ lookup('pipe','id') }}}}",
+        f"[{site['token']}] MACCHANGE=3010 MACATUAL=010203040506 SERVER=gv2p",  # gv2p: not a MAC server here
+        f"[{site['token']}] RAMAIS=1121 SERVER=gv1p INICIO=01/01/2025 00:00 FIM=01/03/2025 00:00",
+    ]
+    for i, s in enumerate(subjects):
+        dovecot.deliver(USER, command_email(s, msgid=f"<bad-{i}@example.test>"))
+    athome(site["cfg"], "poll", "--once")
+    got = replies(smtp)
+    assert len(got) == len(subjects)
+    for m in got:
+        assert "não aceito" in m["Subject"]
+        assert "Forma correta" in body(m) and "[SEU TOKEN]" in body(m)
+    assert list((site["state"] / "queue" / "pending").iterdir()) == []
+    actions = [site["f2b"][h].dir / "actions.log" for h in HOSTS]
+    assert not any(a.exists() and a.read_text() for a in actions), "no server was touched"
+    assert_no_secret(site, smtp)
+
+
+def test_bad_token_goes_to_the_admin_with_the_requester_in_copy(site, dovecot, smtp):
+    dovecot.deliver(USER, command_email("[DEADBEEF] CHECKIP=3.3.3.3", msgid="<t1@example.test>"))
+    dovecot.deliver(USER, command_email("CHECKIP=3.3.3.3", msgid="<t2@example.test>"))
+    athome(site["cfg"], "poll", "--once")
+    got = replies(smtp)
+    assert len(got) == 2
+    for m, (_frm, rcpt, _raw) in zip(got, smtp.messages, strict=True):
+        assert m["Subject"].endswith("Erro - Token Invalido")
+        assert m["To"] == ADMIN and m["Cc"] == REQUESTER
+        assert sorted(rcpt) == sorted([ADMIN, REQUESTER])
+        assert "DEADBEEF" not in m.as_string()
+    assert list((site["state"] / "queue" / "pending").iterdir()) == []
+
+
+def test_sender_not_on_the_whitelist_gets_no_reply_at_all(site, dovecot, smtp):
+    dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", sender="eve@example.test"))
+    athome(site["cfg"], "poll", "--once")
+    assert smtp.messages == []
+    assert dovecot.fetch_flags(USER) == ["\\Seen"], "handled (ignored), not fetched again and again"
+    assert "not allowed" in (site["cfg"].parent / "cli.log").read_text()
+
+
+def test_a_crash_before_the_message_is_flagged_does_not_queue_it_twice(site, dovecot, smtp):
+    dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=3.3.3.3"))
+    proc = athome(site["cfg"], "poll", "--once", crash_at="intake-before-ack", check=False)
+    assert proc.returncode == 77
+    assert dovecot.fetch_flags(USER) == [""], "still unseen: it will be fetched again"
+    athome(site["cfg"], "poll", "--once")
+    assert len(list((site["state"] / "queue" / "pending").iterdir())) == 1
+    assert len(replies(smtp)) == 1, "one confirmation only"
+    assert dovecot.fetch_flags(USER) == ["\\Seen"]
+
+
+def test_a_crash_after_the_run_completes_the_job_without_running_it_again(site, dovecot, smtp):
+    site["f2b"]["gv1p"].ban("sshd", "4.4.4.4")
+    dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=4.4.4.4"))
+    athome(site["cfg"], "poll", "--once")
+    proc = athome(site["cfg"], "work", "--once", crash_at="work-after-checkpoint", check=False)
+    assert proc.returncode == 77
+    actions_before = (site["f2b"]["gv1p"].dir / "actions.log").read_text()
+    athome(site["cfg"], "work", "--once")
+    assert (site["f2b"]["gv1p"].dir / "actions.log").read_text() == actions_before
+    results = [m for m in replies(smtp) if "CHECKIP concluído" in m["Subject"]]
+    assert len(results) == 1
+    [done] = list((site["state"] / "queue" / "done").iterdir())
+    record = json.loads(done.read_text())
+    assert record["result"]["playbook"]["hosts"]["gv1p"]["report"]["banned_in"] == ["sshd"]
+    assert [h["event"] for h in record["history"]].count("claimed") == 1
+
+
+def test_an_smtp_outage_delays_replies_and_loses_none(site, dovecot, smtp):
+    smtp.down = True
+    dovecot.deliver(USER, command_email(f"[{site['token']}] HELP"))
+    athome(site["cfg"], "poll", "--once")
+    assert smtp.messages == []
+    pending = list((site["state"] / "outbox" / "pending").iterdir())
+    assert len(pending) == 1
+    record = json.loads(pending[0].read_text())
+    record["not_before"] = 0  # do not wait for the backoff in the test
+    pending[0].write_text(json.dumps(record))
+    smtp.down = False
+    athome(site["cfg"], "poll", "--once")
+    [help_reply] = replies(smtp)
+    assert "Comandos" in help_reply["Subject"] and "CHECKIP" in body(help_reply)
+
+
+def test_status_shows_a_request_to_its_requester(site, dovecot, smtp):
+    dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=5.5.5.5", msgid="<s1@example.test>"))
+    athome(site["cfg"], "poll", "--once")
+    [job] = list((site["state"] / "queue" / "pending").iterdir())
+    request_id = job.name.removesuffix(".json")
+    dovecot.deliver(USER, command_email(f"[{site['token']}] STATUS {request_id}", msgid="<s2@example.test>"))
+    athome(site["cfg"], "poll", "--once")
+    status = replies(smtp)[-1]
+    assert request_id in status["Subject"]
+    assert "na fila" in body(status) and "CHECKIP=5.5.5.5" in body(status)
+
+
+def test_unreachable_hosts_are_retried_then_reported(site, dovecot, smtp, ssh_keys):
+    # Point every host at a port where no sshd listens: nothing can succeed.
+    inv = site["workdir"] / "inventory" / "hosts.yml"
+    data = yaml.safe_load(inv.read_text())
+    data["all"]["vars"]["ansible_port"] = servers.free_port()
+    data["all"]["vars"]["ansible_ssh_common_args"] += " -o ConnectTimeout=3"
+    inv.write_text(yaml.safe_dump(data))
+    dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=6.6.6.6"))
+    athome(site["cfg"], "poll", "--once")
+    athome(site["cfg"], "work", "--once")  # attempts 1..3 (backoff 0 in this config)
+    failure = replies(smtp)[-1]
+    assert "❌" in failure["Subject"] and "falhou" in failure["Subject"]
+    text = body(failure)
+    assert "inacessível" in text and "mais tarde" in text
+    [failed] = list((site["state"] / "queue" / "failed").iterdir())
+    assert json.loads(failed.read_text())["attempts"] == 3

@@ -1,0 +1,115 @@
+"""Mail transports against real servers: IMAP over TLS, STARTTLS and plain; SMTP with STARTTLS + AUTH."""
+
+from __future__ import annotations
+
+import email
+from email.message import EmailMessage
+
+import pytest
+
+from dispatcher.config import IMAPSettings, SMTPSettings
+from dispatcher.errors import TransportError
+from dispatcher.mail import IMAPInbox, MaildirInbox, MaildirSender, SMTPSender, build_message
+from tests import servers
+
+USER, PASSWORD = "service@example.test", "imap-test-password"
+
+
+def message(subject: str, msgid: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = "Ana <ana@example.test>"
+    m["Subject"] = subject
+    m["Message-ID"] = msgid
+    m.set_content("x")
+    return m.as_bytes()
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls", "plain"])
+def test_imap_fetch_does_not_mark_seen_until_ack(dovecot, security):
+    import subprocess
+
+    subprocess.run(
+        ["doveadm", "-c", str(dovecot.conf), "expunge", "-u", USER, "mailbox", "INBOX", "all"], check=True
+    )
+    dovecot.deliver(USER, message("=?utf-8?q?[A1B2C3D4]_CHECKIP=3D3.3.3.3?=", f"<{security}@x>"))
+    port = dovecot.imaps_port if security == "tls" else dovecot.imap_port
+    settings = IMAPSettings(
+        host="127.0.0.1", port=port, security=security, user=USER, password=PASSWORD, cafile=str(dovecot.cert)
+    )
+    with IMAPInbox(settings) as inbox:
+        [msg] = inbox.fetch()
+        assert msg.subject == "[A1B2C3D4] CHECKIP=3.3.3.3"
+        assert msg.message_id == f"<{security}@x>"
+    assert dovecot.fetch_flags(USER) == [""], "fetching alone leaves it unseen"
+    with IMAPInbox(settings) as inbox:
+        [msg] = inbox.fetch()
+        inbox.ack(msg.uid)
+    assert dovecot.fetch_flags(USER) == ["\\Seen"]
+    with IMAPInbox(settings) as inbox:
+        assert inbox.fetch() == []
+
+
+def test_imap_wrong_password_is_a_transport_error(dovecot):
+    settings = IMAPSettings(
+        host="127.0.0.1", port=dovecot.imap_port, security="plain", user=USER, password="wrong"
+    )
+    with pytest.raises(TransportError, match="IMAP"):
+        IMAPInbox(settings).__enter__()
+
+
+def test_smtp_starttls_with_auth_delivers(dovecot):
+    sink = servers.SMTPSink(cert=dovecot.cert, key=dovecot.key, login=USER, password="smtp-pass").start()
+    try:
+        raw = build_message(
+            from_address=USER,
+            to=["ana@example.test"],
+            subject="Olá ✅",
+            text="corpo",
+            html="<p>corpo</p>",
+            in_reply_to="<a@x>",
+            references="<a@x>",
+        )
+        ok = SMTPSettings(
+            host="127.0.0.1",
+            port=sink.port,
+            security="starttls",
+            user=USER,
+            password="smtp-pass",
+            cafile=str(dovecot.cert),
+        )
+        SMTPSender(ok).send(raw, USER, ["ana@example.test"])
+        [(_frm, rcpt, msg)] = sink.wait_for(1)
+        assert rcpt == ["ana@example.test"]
+        assert str(email.header.make_header(email.header.decode_header(msg["Subject"]))) == "Olá ✅"
+        assert msg["In-Reply-To"] == "<a@x>"
+        bad = SMTPSettings(
+            host="127.0.0.1",
+            port=sink.port,
+            security="starttls",
+            user=USER,
+            password="nope",
+            cafile=str(dovecot.cert),
+            timeout=5,
+        )
+        with pytest.raises(TransportError, match="535"):
+            SMTPSender(bad).send(raw, USER, ["ana@example.test"])
+    finally:
+        sink.stop()
+
+
+def test_smtp_server_down_is_a_transport_error():
+    settings = SMTPSettings(host="127.0.0.1", port=servers.free_port(), security="plain", timeout=3)
+    with pytest.raises(TransportError):
+        SMTPSender(settings).send(b"Subject: x\r\n\r\nx", "a@example.test", ["b@example.test"])
+
+
+def test_maildir_transport_round_trip(tmp_path):
+    inbox_dir = tmp_path / "inbox"
+    box = MaildirInbox(inbox_dir)
+    box.box.add(message("[A1B2C3D4] HELP", "<m@x>"))
+    [msg] = box.fetch()
+    assert msg.subject == "[A1B2C3D4] HELP"
+    box.ack(msg.uid)
+    assert box.fetch() == []
+    MaildirSender(tmp_path / "outbox").send(b"Subject: ok\r\n\r\nbody", "a@x", ["b@x"])
+    assert len(list((tmp_path / "outbox" / "new").iterdir())) == 1
