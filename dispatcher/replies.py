@@ -29,6 +29,9 @@ STATE_PT = {
 }
 
 
+SUBJECT_END = "\x1e\n"  # ends the subject in the text layout (_layout.txt.j2)
+
+
 @dataclass(frozen=True)
 class Rendered:
     subject: str
@@ -62,6 +65,8 @@ class Replies:
     def render(self, kind: str, **values) -> Rendered:
         text_t = self.text_env.get_template(f"{kind}.txt.j2")
         html_t = self.html_env.get_template(f"{kind}.html.j2")
-        subject = "".join(text_t.blocks["subject"](text_t.new_context(values))).strip()
-        subject = " ".join(subject.split())
-        return Rendered(subject=subject, text=text_t.render(**values), html=html_t.render(**values))
+        # The text layout renders the `subject` block first, then a record separator.
+        subject, _, text = text_t.render(**values).partition(SUBJECT_END)
+        return Rendered(
+            subject=" ".join(subject.split()), text=text.lstrip("\n"), html=html_t.render(**values)
+        )

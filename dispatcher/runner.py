@@ -71,8 +71,13 @@ class PlaybookResult:
         return sorted(h for h, r in self.hosts.items() if r.status == "failed")
 
     def without(self, names: tuple[str, ...]) -> PlaybookResult:
+        """Drop hosts that are not part of the answer; their errors stay as play errors."""
         hosts = {h: r for h, r in self.hosts.items() if h not in names}
-        return PlaybookResult(self.playbook, self.status, self.rc, hosts, list(self.errors), self.elapsed)
+        errors = list(self.errors)
+        for name in names:
+            if name in self.hosts:
+                errors.extend(self.hosts[name].errors)
+        return PlaybookResult(self.playbook, self.status, self.rc, hosts, errors, self.elapsed)
 
     def to_dict(self) -> dict:
         return {

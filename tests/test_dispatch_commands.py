@@ -1,0 +1,126 @@
+"""Each command through the dispatcher (in process, Maildir transport) against real hosts over SSH.
+
+The mail transport here is the embedded Maildir one; IMAP/SMTP are covered by
+test_end_to_end.py. The playbooks run for real over sshd on loopback.
+"""
+
+from __future__ import annotations
+
+import email
+import time
+from email.message import EmailMessage
+from email.policy import default as default_policy
+
+import pytest
+import yaml
+
+from dispatcher import config
+from dispatcher.auth import TokenStore
+from dispatcher.service import Dispatcher
+from tests import servers
+from tests.test_macchange_playbook import MacHost
+
+REQUESTER = "ana@example.test"
+
+
+class Site:
+    def __init__(self, workdir, inventory_path):
+        self.workdir = workdir
+        self.inventory_path = inventory_path
+        self.tokens = TokenStore(workdir / "tokens.json")
+        _, self.token = self.tokens.add("dispatch tests")
+        self.cfg = config.from_dict(
+            {
+                "state_dir": str(workdir / "state"),
+                "inventory": str(inventory_path.parent),
+                "mail": {
+                    "transport": "maildir",
+                    "from_address": "ops@example.test",
+                    "admin_addresses": ["admin@example.test"],
+                    "maildir": {"inbox": str(workdir / "inbox"), "outbox": str(workdir / "outbox")},
+                },
+                "auth": {"senders": [REQUESTER], "tokens_file": str(self.tokens.path)},
+                "worker": {"retry_backoff": [0]},
+            },
+            base=workdir,
+        )
+        self.dispatcher = Dispatcher(self.cfg)
+        self.n = 0
+
+    def send(self, command: str) -> None:
+        self.n += 1
+        msg = EmailMessage()
+        msg["From"] = REQUESTER
+        msg["Subject"] = f"[{self.token}] {command}"
+        msg["Message-ID"] = f"<c{self.n}.{time.time()}@example.test>"
+        msg.set_content("x")
+        self.dispatcher._inbox_factory().box.add(msg)
+
+    def replies(self) -> list:
+        box = self.workdir / "outbox"
+        out = []
+        for sub in ("new", "cur"):
+            for p in sorted((box / sub).iterdir()) if (box / sub).exists() else []:
+                out.append(email.message_from_bytes(p.read_bytes(), policy=default_policy))
+        return sorted(out, key=lambda m: email.utils.parsedate_to_datetime(m["Date"]))
+
+    def last_result(self):
+        results = [m for m in self.replies() if "recebido" not in m["Subject"]]
+        return results[-1], results[-1].get_body(("plain",)).get_content()
+
+
+@pytest.fixture
+def mac_site(sshd, workdir):
+    gv2p = MacHost(workdir, "gv2p")
+    conn = dict(sshd.ansible_vars(), ansible_python_interpreter=servers.target_python())
+    inv = servers.write_inventory(
+        workdir / "inventory" / "hosts.yml",
+        {
+            "sip_servers": {"gv2p": {"audios_from": "audio"}, "voip1": {"audios_from": "s3"}},
+            "mac_servers": {"gv2p": gv2p.hostvars(servers.target_python())},
+            "fail2ban_servers": {"voip1": {}},
+            "recordings": {"audio": {}},
+        },
+        conn,
+    )
+    return Site(workdir, inv), gv2p
+
+
+def test_macchange_by_email_edits_both_files_and_reports_before_and_after(mac_site):
+    site, gv2p = mac_site
+    site.send("MACCHANGE=3010 MACATUAL=01:02:03:04:05:06 MACFUTURO=010203040599 SERVER=gv2p")
+    assert site.dispatcher.poll_once()["queued"] == 1
+    assert site.dispatcher.work_once() == 1
+    msg, text = site.last_result()
+    assert "✅" in msg["Subject"] and "MACCHANGE" in msg["Subject"]
+    assert "'serialnumber': '010203040506'" in text and "'serialnumber': '010203040599'" in text
+    assert "MAC:010203040599" in text and "troca" in text
+    def_bytes, sip_bytes = gv2p.files()
+    assert b"'serialnumber': '010203040599'" in def_bytes and b"3010;MAC:010203040599;" in sip_bytes
+    assert len(gv2p.backups()) == 2 and gv2p.notifications() == 1
+
+
+def test_macchange_with_a_wrong_current_mac_writes_nothing_and_says_why(mac_site):
+    site, gv2p = mac_site
+    before = gv2p.files()
+    site.send("MACCHANGE=3010 MACATUAL=AABBCCDDEEFF MACFUTURO=010203040599 SERVER=gv2p")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    msg, text = site.last_result()
+    assert "❌" in msg["Subject"]
+    assert "Nenhum arquivo foi alterado" in text and "010203040506" in text
+    assert gv2p.files() == before and gv2p.backups() == []
+    [failed] = site.dispatcher.jobs.list("failed")
+    assert failed.attempts == 1, "a refusal on the server is definitive: not retried"
+
+
+def test_inventory_edits_are_picked_up_without_a_restart(mac_site):
+    site, _gv2p = mac_site
+    data = yaml.safe_load(site.inventory_path.read_text())
+    data["all"]["children"]["mac_servers"]["hosts"]["gv2p"]["enabled"] = False
+    site.inventory_path.write_text(yaml.safe_dump(data))
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    assert site.dispatcher.poll_once()["replied"] == 1
+    text = site.replies()[-1].get_body(("plain",)).get_content()
+    assert "desativado" in text
+    assert site.dispatcher.jobs.count("pending") == 0
