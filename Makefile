@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv
+demo: system-deps venv
 	$(BIN)/athome demo
 
 lint: venv

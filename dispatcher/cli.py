@@ -115,6 +115,8 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from dispatcher import demo
 
+    if not args.verbose:  # the demo prints what matters; the log would drown it
+        logging.getLogger().setLevel(logging.WARNING)
     return demo.main(Path(args.dir))
 
 

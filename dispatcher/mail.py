@@ -139,6 +139,7 @@ class MaildirInbox:
     """A local Maildir as the mailbox (embedded default): unseen = no 'S' flag."""
 
     def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.box = mailbox.Maildir(str(path), create=True)
 
     def __enter__(self) -> MaildirInbox:
@@ -174,6 +175,7 @@ class MaildirSender:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         mailbox.Maildir(str(path), create=True)
 
     def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None:

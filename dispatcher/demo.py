@@ -1,0 +1,170 @@
+"""`athome demo`: the whole product, end to end, on embedded defaults.
+
+No outside server and no credential: the mailbox is a local Maildir
+(DEMO/mail/inbox), replies go to another (DEMO/mail/outbox), the fleet is
+inventory/demo (every host a local sandbox under DEMO/), each fail2ban host
+runs its own sandbox fail2ban-server, and the MAC servers get copies of the
+test endpoint files. Sample command emails go through the same Dispatcher,
+playbooks and templates as production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import logging
+import os
+import shutil
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+
+import yaml
+
+from dispatcher import config
+from dispatcher.auth import TokenStore
+from dispatcher.runner import REPO_ROOT
+from dispatcher.sandbox import Fail2banSandbox
+from dispatcher.service import Dispatcher
+
+log = logging.getLogger(__name__)
+
+REQUESTER = "operadora@athome.example"
+FAIL2BAN_HOSTS = ("gv1p", "gv2p", "gv3p", "voip1")
+MAC_HOSTS = ("gv1p", "gv2p", "gv3p")
+ENDPOINT_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "endpoints"
+
+
+def _commands() -> list[str]:
+    """The sample requests: what staff send every day, plus mistakes."""
+    return [
+        "HELP",
+        "CHECKIP=3.3.3.3",
+        "MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p",
+        "MACCHANGE=3010 MACATUAL=AABBCCDDEEFF MACFUTURO=010203040511 SERVER=gv1p",
+        "CHECKIP=3.3.3.3; reboot",
+        "RAMAIS=1121 SERVER=voip3 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59",
+    ]
+
+
+def _stop_leftovers(root: Path) -> None:
+    for host in FAIL2BAN_HOSTS:
+        sandbox = Fail2banSandbox(root / "f2b" / host)
+        if sandbox.sock.exists():
+            sandbox.client("stop", check=False)
+
+
+def _prepare(root: Path) -> tuple[Path, str, list[Fail2banSandbox]]:
+    _stop_leftovers(root)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    os.environ["ATHOME_DEMO_ROOT"] = str(root)
+
+    sandboxes = []
+    if shutil.which("fail2ban-server"):
+        for host in FAIL2BAN_HOSTS:
+            sandboxes.append(Fail2banSandbox(root / "f2b" / host).start())
+        # The legacy real run: 3.3.3.3 banned on gv3p only.
+        sandboxes[FAIL2BAN_HOSTS.index("gv3p")].ban("asterisk", "3.3.3.3")
+    for host in MAC_HOSTS:
+        target = root / "hosts" / host
+        target.mkdir(parents=True)
+        for f in ENDPOINT_FIXTURES.iterdir():
+            shutil.copy2(f, target / f.name)
+
+    tokens = TokenStore(root / "tokens.json")
+    _, token = tokens.add("demo", admin=True)
+    cfg_path = root / "athome.yml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": "state",
+                "inventory": str(REPO_ROOT / "inventory" / "demo"),
+                "mail": {
+                    "transport": "maildir",
+                    "from_address": "ops@athome.example",
+                    "admin_addresses": ["admin@athome.example"],
+                    "maildir": {"inbox": "mail/inbox", "outbox": "mail/outbox"},
+                },
+                "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json"},
+                "worker": {"retry_backoff": [0], "playbook_timeout": 300},
+            }
+        )
+    )
+    return cfg_path, token, sandboxes
+
+
+def _drop_emails(inbox: Path, token: str) -> None:
+    import mailbox
+
+    box = mailbox.Maildir(str(inbox), create=True)
+    for i, command in enumerate(_commands(), 1):
+        msg = EmailMessage()
+        msg["From"] = f"Operadora <{REQUESTER}>"
+        msg["To"] = "ops@athome.example"
+        msg["Subject"] = f"[{token}] {command}"
+        msg["Message-ID"] = f"<demo-{i}@athome.example>"
+        msg.set_content("Enviado pela demonstração do athome-ops.")
+        box.add(msg)
+
+
+def _print_replies(outbox: Path, seen: set[str]) -> None:
+    files = sorted(p for sub in ("new", "cur") for p in (outbox / sub).glob("*") if p.name not in seen)
+    for path in files:
+        seen.add(path.name)
+        msg = email.message_from_bytes(path.read_bytes(), policy=default_policy)
+        print(f"\n── Para: {msg['To']}{'  Cc: ' + msg['Cc'] if msg['Cc'] else ''}")
+        print(f"   Assunto: {msg['Subject']}")
+        print(f"   Arquivo: {path}")
+        text = msg.get_body(("plain",)).get_content()
+        body = text.split("----------------------------------------------")[0]
+        for line in body.splitlines()[3:]:
+            print(f"   │ {line}")
+
+
+def main(root: Path) -> int:
+    root = root.resolve()
+    print(f"athome-ops demo in {root}")
+    cfg_path, token, sandboxes = _prepare(root)
+    if not sandboxes:
+        print(
+            "fail2ban-server is not installed: CHECKIP will report the hosts as failed (make demo installs it)"
+        )
+    try:
+        cfg = config.load(cfg_path)
+        dispatcher = Dispatcher(cfg)
+        _drop_emails(cfg.maildir_inbox, token)
+        print(f"\n{len(_commands())} command emails dropped into {cfg.maildir_inbox}")
+        seen: set[str] = set()
+
+        print("\n═══ 1. Intake: authenticate, parse, queue, confirm at once ═══")
+        counts = dispatcher.poll_once()
+        print(f"   {counts}")
+        _print_replies(cfg.maildir_outbox, seen)
+
+        print("\n═══ 2. Work: each queued job runs its playbook (ansible-runner) ═══")
+        done = dispatcher.work_once()
+        print(f"   {done} job(s) run")
+        _print_replies(cfg.maildir_outbox, seen)
+
+        print("\n═══ What changed on the sandbox hosts ═══")
+        for sandbox, host in zip(sandboxes, FAIL2BAN_HOSTS, strict=False):
+            print(
+                f"   {host}: 3.3.3.3 banned in {sandbox.banned_jails('3.3.3.3') or 'no jail'}; "
+                f"whitelist of asterisk: {', '.join(sandbox.ignore_list('asterisk'))}"
+            )
+        for host in MAC_HOSTS:
+            sip = (root / "hosts" / host / "endpoints_sip.def").read_text()
+            line = next((x for x in sip.splitlines() if x.startswith("3010;")), "")
+            print(f"   {host}: endpoints_sip.def 3010 → {line[:60]}")
+        print(f"\nReplies (.eml) are in {cfg.maildir_outbox}/new; the queue is in {cfg.queue_dir}.")
+        failed = dispatcher.jobs.count("failed")
+        expected_failed = 1  # the MACCHANGE with a wrong MACATUAL is refused on the server
+        if failed != expected_failed:
+            print(f"demo: expected {expected_failed} refused job, found {failed}")
+            return 1
+        return 0
+    finally:
+        for sandbox in sandboxes:
+            with contextlib.suppress(Exception):
+                sandbox.stop()
