@@ -128,7 +128,7 @@ def main(root: Path) -> int:
     cfg_path, token, sandboxes = _prepare(root)
     if not sandboxes:
         print(
-            "fail2ban-server is not installed: CHECKIP will report the hosts as failed (make demo installs it)"
+            "fail2ban-server is not installed: CHECKIP will fail on every host (make demo installs it)"
         )
     try:
         cfg = config.load(cfg_path)
