@@ -10,8 +10,13 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: fail2ban_ignoreip
-short_description: Whitelist an address in fail2ban at once and persistently
+short_description: Unban and whitelist an address in fail2ban, at once and persistently
 description:
+  - With I(unban=true), first finds the jails that ban the address with
+    C(fail2ban-client banned IP) (fail2ban 0.10.6+/0.11.2+), falling back to
+    C(get JAIL banned IP) and then to C(status JAIL) on older servers, and unbans
+    it there only (C(set JAIL unbanip IP)). Done in the same module run as the
+    whitelisting, so a host costs one remote call.
   - Adds (or removes) one address to the ignore list of every jail of a running
     fail2ban server (C(set JAIL addignoreip|delignoreip)), and to a managed file
     under C(jail.d/) so that it survives C(fail2ban-client reload) and a restart.
@@ -31,6 +36,10 @@ options:
   ip:
     description: One IPv4 or IPv6 address. Required unless I(state=list).
     type: str
+  unban:
+    description: Also unban the address in the jails that ban it (needs I(ip)).
+    type: bool
+    default: false
   state:
     description: Whether the address should be whitelisted, or only list the whitelist.
     type: str
@@ -76,6 +85,11 @@ EXAMPLES = r"""
     ip: 3.3.3.3
     state: present
 
+- name: Unban 3.3.3.3 where it is banned and whitelist it.
+  fail2ban_ignoreip:
+    ip: 3.3.3.3
+    unban: true
+
 - name: Show the whitelist.
   fail2ban_ignoreip:
     state: list
@@ -83,6 +97,21 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+banned_in:
+  description: With I(unban), the jails that banned the address before this run.
+  returned: always
+  type: list
+  elements: str
+  sample: [asterisk]
+unbanned:
+  description: Jails where the address was (would be, in check mode) unbanned.
+  returned: always
+  type: list
+  elements: str
+ban_method:
+  description: How bans were found (banned, get-banned or status); empty without I(unban).
+  returned: always
+  type: str
 jails:
   description: The jails acted on.
   returned: always
@@ -178,6 +207,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             ip=dict(type="str"),
+            unban=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent", "list"]),
             client=dict(type="str", default="fail2ban-client"),
             conf_dir=dict(type="path", default="/etc/fail2ban"),
@@ -187,19 +217,28 @@ def main():
             backup=dict(type="bool", default=True),
             validate=dict(type="bool", default=True),
         ),
-        required_if=[("state", "present", ["ip"]), ("state", "absent", ["ip"])],
+        required_if=[("state", "present", ["ip"]), ("state", "absent", ["ip"]), ("unban", True, ["ip"])],
         supports_check_mode=True,
     )
     p = module.params
     ip, state = p["ip"], p["state"]
-    if state != "list" and not is_single_address(ip):
+    if (state != "list" or p["unban"]) and not is_single_address(ip):
         module.fail_json(msg="not a single IPv4/IPv6 address: %r" % (ip,))
     path = p["path"] or os.path.join(p["conf_dir"], "jail.d", "athome-whitelist.local")
     client = Client(module, p["client"], p["conf_dir"], p["socket"])
     runtime_before = {}
-    result = dict(changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[])
+    result = dict(
+        changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[],
+        banned_in=[], unbanned=[], ban_method="",
+    )
     try:
         jails = client.jails(p["jails"])
+        if p["unban"]:
+            result["banned_in"], result["ban_method"] = client.banned_in(ip, jails)
+            for jail in result["banned_in"]:
+                if not module.check_mode:
+                    client.call("set", jail, "unbanip", ip)
+                result["unbanned"].append(jail)
         runtime = dict((j, client.ignoreip(j)) for j in jails)
         runtime_before = dict(runtime)
         base = base_ignoreip(p["conf_dir"], jails, exclude=path)
@@ -242,7 +281,7 @@ def main():
     except Fail2banError as e:
         module.fail_json(msg=str(e), **result)
 
-    result["changed"] = bool(result["runtime_changed"] or result["file_changed"])
+    result["changed"] = bool(result["runtime_changed"] or result["file_changed"] or result["unbanned"])
     whitelist = set()
     for entries in runtime.values():
         whitelist.update(entries)
