@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATES = ("pending", "processing", "done", "failed")
 _DIRS = ("tmp", *STATES, "quarantine")
 _SUFFIX = ".json"
+INTERRUPTED = "a execução foi interrompida (o serviço parou) e as tentativas se esgotaram"
 
 
 def new_request_id(now: float | None = None) -> str:
@@ -253,9 +254,15 @@ class DirQueue:
                 actions.append(f"{job_id}: finished before the crash, left for completion")
                 continue  # the worker completes it (reply + finish) without running again
             if job.attempts >= job.max_attempts:
-                job.result = {"interrupted": True}
-                self.finish(job, success=False, reason="interrupted, attempts spent")
-                actions.append(f"{job_id}: interrupted with attempts spent -> failed")
+                # Record the outcome; the worker completes it (failure reply, failed/).
+                job.result = {
+                    "outcome": "failed",
+                    "interrupted": True,
+                    "playbook": {"status": "failed", "hosts": {}, "errors": [INTERRUPTED]},
+                }
+                job.note("interrupted with attempts spent")
+                self.checkpoint(job)
+                actions.append(f"{job_id}: interrupted with attempts spent -> completed as failed")
             else:
                 job.note("recovered after interruption")
                 self._move(job, "processing", "pending", "recover")

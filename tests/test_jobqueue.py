@@ -155,13 +155,14 @@ def test_a_crash_at_each_step_loses_nothing_and_duplicates_nothing(
     assert job.attempts == expect_attempts
 
 
-def test_a_job_interrupted_with_its_attempts_spent_goes_to_failed(tmp_path):
+def test_a_job_interrupted_with_its_attempts_spent_is_completed_as_failed(tmp_path):
     q = DirQueue(tmp_path, max_attempts=1)
     q.put({"n": 1}, job_id="job-1")
     q.claim()  # the worker died during the playbook
-    assert q.recover() == ["job-1: interrupted with attempts spent -> failed"]
-    job = q.get("job-1")
-    assert job.state == "failed" and job.result == {"interrupted": True}
+    assert q.recover() == ["job-1: interrupted with attempts spent -> completed as failed"]
+    [job] = q.completed_in_processing()
+    assert job.id == "job-1" and job.result["outcome"] == "failed" and job.result["interrupted"]
+    assert q.claim() is None, "not run again"
 
 
 def test_a_job_whose_result_was_saved_is_completed_not_rerun(tmp_path):
