@@ -108,7 +108,7 @@ def test_macchange_with_a_wrong_current_mac_writes_nothing_and_says_why(mac_site
     site.dispatcher.work_once()
     msg, text = site.last_result()
     assert "❌" in msg["Subject"]
-    assert "Nenhum arquivo foi alterado" in text and "010203040506" in text
+    assert "nenhum arquivo foi alterado" in text and "010203040506" in text
     assert gv2p.files() == before and gv2p.backups() == []
     [failed] = site.dispatcher.jobs.list("failed")
     assert failed.attempts == 1, "a refusal on the server is definitive: not retried"
