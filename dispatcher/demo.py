@@ -127,9 +127,7 @@ def main(root: Path) -> int:
     print(f"athome-ops demo in {root}")
     cfg_path, token, sandboxes = _prepare(root)
     if not sandboxes:
-        print(
-            "fail2ban-server is not installed: CHECKIP will fail on every host (make demo installs it)"
-        )
+        print("fail2ban-server is not installed: CHECKIP will fail on every host (make demo installs it)")
     try:
         cfg = config.load(cfg_path)
         dispatcher = Dispatcher(cfg)

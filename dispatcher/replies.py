@@ -9,6 +9,7 @@ passed as data, never as template source, and the HTML side autoescapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateNotFound
 
@@ -32,6 +33,14 @@ STATE_PT = {
 SUBJECT_END = "\x1e\n"  # ends the subject in the text layout (_layout.txt.j2)
 
 
+def br_datetime(value: str) -> str:
+    """'2025-11-01 08:00' -> '01/11/2025 08:00' (the form users type)."""
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M").strftime("%d/%m/%Y %H:%M")
+    except (TypeError, ValueError):
+        return str(value)
+
+
 @dataclass(frozen=True)
 class Rendered:
     subject: str
@@ -51,6 +60,7 @@ class Replies:
         self.text_env = Environment(autoescape=False, **common)  # noqa: S701 - text/plain part
         self.html_env = Environment(autoescape=True, **common)
         for env in (self.text_env, self.html_env):
+            env.filters["br_datetime"] = br_datetime
             env.globals.update(
                 brand=brand, marks=MARKS, host_marks=HOST_MARKS, status_pt=STATUS_PT, state_pt=STATE_PT
             )

@@ -124,3 +124,63 @@ def test_inventory_edits_are_picked_up_without_a_restart(mac_site):
     text = site.replies()[-1].get_body(("plain",)).get_content()
     assert "desativado" in text
     assert site.dispatcher.jobs.count("pending") == 0
+
+
+@pytest.fixture
+def ramais_site(sshd, workdir):
+    from datetime import date
+
+    from tests import recordings_support as rs
+
+    calls = rs.generate_calls([date(2025, 11, 3), date(2025, 11, 4)], 150, seed=7)
+    rs.write_tree(workdir / "tree", calls, "dated")
+    conn = dict(sshd.ansible_vars(), ansible_python_interpreter=servers.target_python())
+    inv = servers.write_inventory(
+        workdir / "inventory" / "hosts.yml",
+        {
+            "sip_servers": {"gv1p": {"audios_from": "audio"}},
+            "recordings": {
+                "audio": {
+                    "recordings_root": str(workdir / "tree"),
+                    "recordings_publish_dir": str(workdir / "www"),
+                    "recordings_publish_base_url": "http://127.0.0.1:9/recordings",
+                }
+            },
+            "fail2ban_servers": {},
+            "mac_servers": {},
+        },
+        conn,
+    )
+    return Site(workdir, inv), calls
+
+
+def test_ramais_by_email_sends_the_link_and_the_counts_per_extension(ramais_site):
+    from tests import recordings_support as rs
+
+    site, calls = ramais_site
+    site.send("RAMAIS=1121,1122 SERVER=gv1p INICIO=03/11/2025 08:00 FIM=04/11/2025 18:30")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    msg, text = site.last_result()
+    want = rs.expected(calls, ["1121", "1122"], "2025-11-03 08:00", "2025-11-04 18:30")
+    assert want, "the generated tree has calls in the window"
+    assert "✅" in msg["Subject"]
+    assert f"{len(want)} gravações" in text
+    for ext in ("1121", "1122"):
+        n = sum(1 for c in want if ext in c.parties)
+        assert f"ramal {ext}: {n}" in text
+    assert "http://127.0.0.1:9/recordings/" in text and ".zip" in text
+    zips = list((site.workdir / "www").glob("*.zip"))
+    assert len(zips) == 1
+
+
+def test_ramais_with_nothing_in_the_window_says_so_and_echoes_the_criteria(ramais_site):
+    site, _calls = ramais_site
+    site.send("RAMAIS=1121 SERVER=gv1p INICIO=01/10/2025 00:00 FIM=02/10/2025 00:00")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    msg, text = site.last_result()
+    assert "Nenhuma gravação encontrada" in text
+    assert "01/10/2025 00:00 a 02/10/2025 00:00" in text and "1121" in text
+    assert "❌" not in msg["Subject"]
+    assert not list((site.workdir / "www").glob("*.zip"))

@@ -1,7 +1,7 @@
 """RAMAIS=<ramais> SERVER=<host> INICIO=<data hora> FIM=<data hora>: call recordings.
 
 Where the recordings live is the server's `audios_from` host var; the playbook
-(playbooks/recordings.yml, role recordings) routes on it, not Python.
+(playbooks/audios.yml, role recordings) routes on it, not Python.
 Reply: templates/ramais.*.j2.
 """
 
@@ -19,9 +19,22 @@ class Ramais(CommandSpec):
     summary = "Separa as gravações de chamadas de ramais num período e envia um link para o ZIP."
     syntax = "RAMAIS=<ramal>[,<ramal>...] SERVER=<servidor> INICIO=DD/MM/AAAA HH:MM FIM=DD/MM/AAAA HH:MM"
     example = "RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
-    playbook = "recordings.yml"
+    playbook = "audios.yml"
     template = "ramais"
-    ignore_hosts = ()  # the S3 route runs on the controller
+    ignore_hosts = ()  # the S3 route runs on the controller: localhost can be the worker
+
+    def relevant(self, result):
+        """The worker host (the one with a report), not the localhost validation play."""
+        local = result.hosts.get("localhost")
+        if local is not None and not local.report and local.succeeded:
+            return result.without(("localhost",))
+        return result
+
+    def outcome(self, cmd, result):
+        outcome = super().outcome(cmd, result)
+        if outcome == "success" and any(h.report.get("too_many") for h in result.hosts.values()):
+            return "failed"  # nothing was zipped: the requester must narrow the window
+        return outcome
 
     def parse(self, text, ctx):
         pairs = grammar.split_keywords(text, self.example)
