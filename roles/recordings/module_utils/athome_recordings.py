@@ -2,7 +2,7 @@
 """Pure helpers shared by the recordings modules (local tree and S3).
 
 Runs unchanged on Python 2.7 (CentOS 7 recordings host), 3.6 and 3.11: no
-f-strings, no annotations, ``os.scandir`` only when it exists. Nothing here
+f-strings, no annotations, only os.listdir / os.stat. Nothing here
 imports Ansible or boto3, so tests import this file directly.
 
 Vocabulary: an *extension* (ramal) is a PBX extension such as ``1121``; the
@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import stat
 import zipfile
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -173,6 +174,7 @@ class NameMatcher(object):
                 "the name pattern lacks the named group(s): %s" % ", ".join(sorted(missing))
             )
         self.suffixes = set(suffixes) if suffixes else None
+        self.prefilter = re.compile("|".join(re.escape(e) for e in self.extensions)).search
 
     def parse(self, name):
         """The pattern's fields as a dict, or None when the name does not fit."""
@@ -182,11 +184,8 @@ class NameMatcher(object):
     def match(self, name):
         """(stamp, [matched extensions], suffix) for a selected name, else None."""
         # Cheap pre-filter: a selected name contains one of the extensions
-        # verbatim. Most names of a large tree stop here, before the regex.
-        for ext in self.extensions:
-            if ext in name:
-                break
-        else:
+        # verbatim. Most names of a large tree stop here, before the full regex.
+        if self.prefilter(name) is None:
             return None
         fields = self.parse(name)
         if fields is None:
@@ -281,49 +280,41 @@ class Selection(object):
         )
 
 
-def _list_dir(path):
-    """(name, full path, is_file, entry) for each entry of a folder; [] when it is missing."""
-    scandir = getattr(os, "scandir", None)
-    try:
-        if scandir is not None:
-            it = scandir(path)
-            try:
-                for entry in it:
-                    yield entry.name, entry.path, entry
-            finally:
-                close = getattr(it, "close", None)
-                if close:
-                    close()
-        else:
-            for name in os.listdir(path):
-                yield name, os.path.join(path, name), None
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no calls that day
-            return
-        raise
-
-
 def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT):
-    """Scan a local tree; in a dated tree only the day folders of the window."""
+    """Scan a local tree; in a dated tree only the day folders of the window.
+
+    os.listdir (names only) is the cheapest listing on 2.7 and 3.x alike;
+    only the names that match are stat()ed.
+    """
     if layout not in ("dated", "flat"):
         raise RecordingsError("layout must be 'dated' or 'flat', not %r" % (layout,))
     if not os.path.isdir(root):
         raise RecordingsError("recordings root %s is not a folder" % root)
     sel = Selection()
     folders = matcher.window.day_dirs(dir_format) if layout == "dated" else [""]
+    match, prefilter = matcher.match, matcher.prefilter
     for rel_dir in folders:
         folder = os.path.join(root, rel_dir) if rel_dir else root
         sel.dirs_listed += 1
-        for name, full, entry in _list_dir(folder):
-            sel.scanned += 1
-            hit = matcher.match(name)
+        try:
+            entries = os.listdir(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no calls that day
+                continue
+            raise
+        sel.scanned += len(entries)
+        for name in entries:
+            if prefilter(name) is None:  # inlined: most names of a large tree stop here
+                continue
+            hit = match(name)
             if hit is None:
                 continue
+            full = os.path.join(folder, name)
             try:
-                st = entry.stat() if entry is not None else os.stat(full)
+                st = os.stat(full)
             except OSError:
                 continue  # removed while we looked
-            if (st.st_mode & 0o170000) != 0o100000:  # not a regular file
+            if not stat.S_ISREG(st.st_mode):
                 continue
             rel = rel_dir + "/" + name if rel_dir else name
             sel.add(rel, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime, source=full)
