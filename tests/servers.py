@@ -12,11 +12,8 @@ from __future__ import annotations
 import email
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,29 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from dispatcher.sandbox import Fail2banSandbox
-
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout}s")
+from dispatcher.sandbox import (  # noqa: F401 - re-exported for the tests
+    LOOPBACK,
+    Fail2banSandbox,
+    SeaweedSandbox,
+    free_port,
+    stop_process,
+    wait_port,
+)
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -54,17 +36,6 @@ def short_tmpdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
     return path
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 # --------------------------------------------------------------------------- sshd
@@ -365,76 +336,8 @@ class SMTPSink:
 # ----------------------------------------------------------------------------- S3
 
 
-class SeaweedS3:
-    """SeaweedFS `weed mini` on loopback: a real S3 API that checks signatures (recipe 06)."""
-
-    ACCESS_KEY = "athome-test-access"
-    SECRET_KEY = "athome-test-secret-not-real"  # only for this loopback test server
-
-    def __init__(self, base: Path):
-        self.base = Path(base)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def start(self) -> SeaweedS3:
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        (self.base / "weed").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
-        self.filer_port = ports["filer"]
-        self.proc = subprocess.Popen(
-            [
-                weed,
-                "mini",
-                f"-dir={self.base}/weed",
-                f"-ip={LOOPBACK}",
-                f"-ip.bind={LOOPBACK}",
-                f"-s3.port={self.port}",
-                f"-master.port={ports['master']}",
-                f"-volume.port={ports['volume']}",
-                f"-filer.port={ports['filer']}",
-                "-admin.ui=false",
-                "-webdav=false",
-                "-master.telemetry=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-            ],
-            env=env,
-            stdout=(self.base / "weed.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_port(self.port, timeout=60, proc=self.proc)
-        client = self.client()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.list_buckets()
-                return self
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=15)
-        self.proc = None
-
-    def client(self):
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=self.ACCESS_KEY,
-            aws_secret_access_key=self.SECRET_KEY,
-            config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
-        )
+# The same SeaweedFS stand-in the demo runs.
+SeaweedS3 = SeaweedSandbox
 
 
 # ---------------------------------------------------------------------- inventory
