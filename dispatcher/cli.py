@@ -26,15 +26,19 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _dispatcher(args):
+def _dispatcher(args, *roles: str):
+    """A Dispatcher holding the locks of its roles; the worker recovers the queue first."""
     from dispatcher.service import Dispatcher
 
     cfg = config.load(args.config)
     if cfg.secret_problems:
         raise ConfigError(cfg.secret_problems)
     d = Dispatcher(cfg)
-    for action in d.recover():
-        log.warning("recovered: %s", action)
+    for role in roles:
+        d.lock(role)
+    if "work" in roles:
+        for action in d.recover():
+            log.warning("recovered: %s", action)
     return d
 
 
@@ -82,7 +86,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_poll(args) -> int:
-    d = _dispatcher(args)
+    d = _dispatcher(args, "intake")
     while True:
         counts = d.poll_once()
         log.info("intake pass: %s", counts)
@@ -92,7 +96,7 @@ def cmd_poll(args) -> int:
 
 
 def cmd_work(args) -> int:
-    d = _dispatcher(args)
+    d = _dispatcher(args, "work")
     while True:
         n = d.work_once()
         log.info("work pass: %d job(s)", n)
@@ -102,7 +106,7 @@ def cmd_work(args) -> int:
 
 
 def cmd_run(args) -> int:
-    d = _dispatcher(args)
+    d = _dispatcher(args, "intake", "work")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -71,6 +71,7 @@ class Config:
     retry_backoff: list[int] = field(default_factory=lambda: [60, 300, 900])
     playbook_timeout: int = 900
     artifacts_max_age_days: float = 14.0
+    retention_days: float = 90.0
     poll_interval: float = 30.0
     brand: str = "ATHome"
     secret_problems: list[str] = field(default_factory=list)
@@ -230,6 +231,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     cfg.playbook_timeout = int(worker.get("playbook_timeout", cfg.playbook_timeout))
     cfg.artifacts_max_age_days = float(worker.get("artifacts_max_age_days", cfg.artifacts_max_age_days))
     cfg.poll_interval = float(worker.get("poll_interval", cfg.poll_interval))
+    cfg.retention_days = float(worker.get("retention_days", cfg.retention_days))
     if cfg.max_attempts < 1:
         problems.append("worker.max_attempts: must be at least 1")
     if not cfg.retry_backoff:

@@ -322,5 +322,17 @@ class DirQueue:
         except ValueError:
             return 0
 
+    def prune(self, states: tuple[str, ...], max_age_days: float) -> int:
+        """Remove finished records older than max_age_days (by file time); returns how many."""
+        cutoff = time.time() - max_age_days * 86400
+        removed = 0
+        for state in states:
+            for entry in os.scandir(self.root / state):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.name.endswith(_SUFFIX) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
     def quarantined(self) -> list[str]:
         return sorted(os.listdir(self.root / "quarantine"))

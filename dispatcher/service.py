@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class Dispatcher:
         self.replies = Replies(cfg.brand)
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
+        self._locks: list[int] = []
 
     # ------------------------------------------------------------- plumbing
 
@@ -68,19 +70,63 @@ class Dispatcher:
             return MaildirSender(self.cfg.maildir_outbox)
         return SMTPSender(self.cfg.smtp)
 
+    def lock(self, role: str) -> None:
+        """Hold state/<role>.lock for the life of this process, or raise AthomeError.
+
+        One process works the queue at a time ("work"), one reads the mailbox
+        ("intake"): a manual `athome work --once` next to the service is refused
+        instead of requeueing the service's running jobs.
+        """
+        path = self.cfg.state_dir / f"{role}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AthomeError(f"another athome process holds {path} ({role} is already running)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._locks.append(fd)
+
     def recover(self) -> list[str]:
-        """Settle what a crash left behind; call once at start."""
+        """Settle what a crash left behind; only the holder of the work lock may."""
         return self.jobs.recover() + self.outbox.recover()
+
+    def prune(self) -> dict[str, int]:
+        """Drop what is older than worker.retention_days: finished jobs, sent replies, seen markers."""
+        days = self.cfg.retention_days
+        removed = {
+            "jobs": self.jobs.prune(("done", "failed"), days),
+            "replies": self.outbox.prune(("done", "failed"), days),
+            "seen": 0,
+            "artifacts": runner.prune_artifacts(self.cfg.artifacts_dir, self.cfg.artifacts_max_age_days),
+        }
+        cutoff = time.time() - days * 86400
+        for marker in self.cfg.seen_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if marker.stat().st_mtime < cutoff:
+                    marker.unlink()
+                    removed["seen"] += 1
+        if any(removed.values()):
+            log.info("retention: removed %s", removed)
+        return removed
 
     # --------------------------------------------------------------- intake
 
     def poll_once(self) -> dict[str, int]:
         """One intake pass over the unseen messages; then send what is due."""
         counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0}
+        counts["failed"] = 0
         with self._inbox_factory() as inbox:
             for msg in inbox.fetch():
                 counts["fetched"] += 1
-                outcome = self._intake(msg)
+                try:
+                    outcome = self._intake(msg)
+                except Exception:
+                    # Left unseen: the next pass tries again; the other messages go on.
+                    log.exception("could not handle message %s; it stays in the mailbox", msg.key[:12])
+                    counts["failed"] += 1
+                    continue
                 counts[outcome] += 1
                 _crash_point("intake-before-ack")
                 inbox.ack(msg.uid)
@@ -281,11 +327,24 @@ class Dispatcher:
             self._run(job)
             done += 1
         self.flush_outbox()
-        runner.prune_artifacts(self.cfg.artifacts_dir, self.cfg.artifacts_max_age_days)
+        self.prune()
         return done
 
     def _run(self, job: Job) -> None:
         payload = job.payload
+        if payload.get("command") not in commands.COMMANDS:
+            # Queued by an older version that knew this command: answer, do not loop on it.
+            job.result = {
+                "outcome": "failed",
+                "playbook": {
+                    "status": "failed",
+                    "hosts": {},
+                    "errors": [f"o comando {payload.get('command')} não existe mais nesta versão"],
+                },
+            }
+            self.jobs.checkpoint(job)
+            self._complete(job)
+            return
         spec = commands.spec_for(payload["command"])
         cmd = Command(payload["command"], payload["params"], payload["command_text"])
         log.info("running %s %s (attempt %d/%d)", job.id, cmd.text, job.attempts, job.max_attempts)
@@ -327,9 +386,9 @@ class Dispatcher:
 
     def _complete(self, job: Job) -> None:
         payload = job.payload
-        spec = commands.spec_for(payload["command"])
+        spec = commands.COMMANDS.get(payload["command"])
         outcome = job.result.get("outcome", "failed")
-        template = spec.template if self.replies.has(spec.template) else "result"
+        template = spec.template if spec and self.replies.has(spec.template) else "result"
         playbook = job.result.get("playbook") or {"hosts": {}, "errors": ["interrompido"], "status": "failed"}
         self._queue_reply(
             f"{job.id}-result",
