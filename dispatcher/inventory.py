@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 
 AUDIOS_FROM = ("audio", "s3")
 KNOWN_GROUPS = ("sip_servers", "fail2ban_servers", "mac_servers", "recordings")
+REQUIRED_VARS = {
+    "mac_servers": ("endpoint_mac_endpoints_def", "endpoint_mac_endpoints_sip"),
+    "recordings": ("recordings_root", "recordings_publish_dir", "recordings_publish_base_url"),
+}
+S3_VARS = ("recordings_s3_bucket", "recordings_s3_results_bucket")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,16 @@ class Inventory:
             for group in ("fail2ban_servers", "mac_servers"):
                 if group in h.groups and "sip_servers" not in h.groups:
                     found.append(f"{h.name}: in {group} but not in sip_servers")
+            # Facts a command cannot guess: they must be stated per host (or group).
+            for group, keys in REQUIRED_VARS.items():
+                if group in h.groups and h.enabled:
+                    missing = [k for k in keys if not h.vars.get(k)]
+                    if missing:
+                        found.append(f"{h.name}: in {group} but {', '.join(missing)} not set")
+            if "sip_servers" in h.groups and h.enabled and h.vars.get("audios_from") == "s3":
+                missing = [k for k in S3_VARS if not h.vars.get(k)]
+                if missing:
+                    found.append(f"{h.name}: audios_from is 's3' but {', '.join(missing)} not set")
         return found
 
 

@@ -158,6 +158,10 @@ def test_checkip_email_is_confirmed_run_over_ssh_and_answered(site, dovecot, smt
     assert (site["state"] / "queue" / "done" / job.name).exists()
     html = result.get_body(("html",)).get_content()
     assert "<table" in html and "gv3p" in html
+    [artifacts] = list((site["state"] / "artifacts").iterdir())
+    kept = {p.name for p in artifacts.iterdir()}
+    assert "stdout" in kept and "job_events" in kept, "the run is kept for ops"
+    assert "command" not in kept and "env" not in kept, "not the environment ansible-runner records"
     assert_no_secret(site, smtp)
 
 

@@ -115,3 +115,55 @@ def test_a_job_for_a_command_this_version_does_not_know_is_answered_not_looped(m
     assert d.jobs.get(job.id).state == "failed"
     [reply] = d.outbox.list("done")
     assert reply.id == f"{job.id}-result"
+
+
+def test_check_reports_every_inventory_problem_in_one_pass(tmp_path):
+    import subprocess
+    import sys
+
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(
+        "all:\n  children:\n"
+        "    sip_servers:\n      hosts:\n"
+        "        gv1p: {audios_from: audio}\n        voip1: {audios_from: s3}\n"
+        "        bad1: {audios_from: tape, enabled: 'maybe'}\n"
+        "    mac_servers:\n      hosts:\n        gv1p: {}\n"
+        "    fail2ban_servers:\n      hosts:\n        gv1p: {}\n"
+        "    recordings:\n      hosts:\n        audio: {}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "check", "--inventory", str(inv)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "bad1: audios_from is 'tape'" in out
+    assert "bad1: enabled must be true or false" in out
+    assert "gv1p: in mac_servers but endpoint_mac_endpoints_def" in out
+    assert "voip1: audios_from is 's3' but recordings_s3_bucket" in out
+    assert "audio: in recordings but recordings_root" in out
+    assert "5 problem(s) found" in out
+
+
+def test_check_reports_config_problems_without_leaking_values(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "athome.yml"
+    cfg.write_text(
+        "mail:\n  transport: imap\n  from_address: ops@example.test\n  admin_addresses: [a@example.test]\n"
+        "  imap: {host: imap.example.test, user: ops, password: hunter2hunter2}\n"
+        "  smtp: {host: smtp.example.test, password_env: ATHOME_NOT_SET_ANYWHERE}\n"
+        "auth: {senders: [a@example.test], tokens_file: " + str(tmp_path / "none.json") + "}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "secrets are not accepted in the config file" in out
+    assert "ATHOME_NOT_SET_ANYWHERE is not set" in out
+    assert "hunter2hunter2" not in out
