@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import os
 import random
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ SUFFIXES = ("wav", "wav", "wav", "mp3", "gsm")
 def helpers():
     """The role's module_utils/athome_recordings.py, imported straight from the role."""
     spec = importlib.util.spec_from_file_location("athome_recordings", MODULE_UTILS / "athome_recordings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def s3_module(helpers_module=None):
+    """The role's recordings_s3_select module, imported with its module_utils import satisfied."""
+    sys.modules["ansible.module_utils.athome_recordings"] = helpers_module or helpers()
+    spec = importlib.util.spec_from_file_location(
+        "recordings_s3_select", ROLE / "library" / "recordings_s3_select.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -268,7 +268,10 @@ def test_limits_exceeded_and_nothing_found_make_no_zip(world):
 
 
 def test_legacy_handoff_writes_the_legacy_json(world):
-    world.write_inventory(audio={"recordings_legacy_queue": True})
+    # the legacy host is CentOS 7: run the handoff module on Python 2.7
+    world.write_inventory(
+        audio={"recordings_legacy_queue": True, "ansible_python_interpreter": servers.pyenv_python("2.7")}
+    )
     for sub in ("pending", "processing", "completed", "failed"):
         (world.queue / sub).mkdir(parents=True, exist_ok=True)
     before = world.published()
@@ -369,6 +372,39 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     time.sleep(2.5)
     assert http_status(url) == 403
     assert http_status(report["url"]) == 200
+
+    # results older than recordings_s3_results_max_age_days (here ~1 s) are deleted on the next run
+    world.write_inventory(gv1p_from="s3", gv1p={"recordings_s3_results_max_age_days": 1 / 86400})
+    sweep = world.run("req-sweep", {"start": "2025-01-30 00:00", "end": "2025-01-30 23:59"})
+    assert sweep.succeeded and sweep.hosts["localhost"].status == "changed", sweep.to_dict()
+    assert only_report(sweep)[1]["results_removed"] >= 1
+    assert http_status(report["url"]) == 404
+    left = world.s3.client().list_objects_v2(Bucket=RESULTS, Prefix="ramais/req-flip").get("KeyCount")
+    assert left == 0
+
+
+@pytest.mark.parametrize(
+    ("window", "days_calls", "range_calls"),
+    [
+        (MONTH_END, 2, 2),  # 2 day prefixes of ~700 keys; the range holds ~1,400 keys: 2 pages
+        ({"start": "2025-01-31 00:00", "end": "2025-01-31 23:59"}, 1, 1),
+        ({"start": "2025-02-01 01:01", "end": "2025-02-03 00:00"}, 3, 1),  # 2 empty days cost no call
+        ({"start": "2025-01-30 00:00", "end": "2025-01-30 23:59"}, 1, 1),
+    ],
+)
+def test_s3_listing_by_day_prefix_and_by_range_select_the_same_keys(world, window, days_calls, range_calls):
+    mod = rs.s3_module()
+    client = world.s3.client()
+    want = rs.expected(S3_CALLS, REQ["extensions"], **window)
+    for listing, calls in (("days", days_calls), ("range", range_calls)):
+        m = mod.NameMatcher(REQ["extensions"], mod.Window(window["start"], window["end"]))
+        sel = mod.list_selection(client, BUCKET, "gv1p/", m, "dated", "%Y/%m/%d", listing)
+        assert [i["path"] for i in sel.items] == [c.relpath("dated") for c in want], listing
+        assert [i["size"] for i in sel.items] == [len(c.body()) for c in want]
+        assert sel.list_calls == calls, listing
+        assert sel.scanned == sum(
+            1 for c in S3_CALLS if m.window.start.date() <= c.when.date() <= m.window.end.date()
+        )
 
 
 def test_s3_route_nothing_found_and_too_many(world):

@@ -11,7 +11,7 @@ DOCUMENTATION = r"""
 module: recordings_s3_select
 short_description: Select call recordings in an S3 bucket, zip them into a results bucket, return a presigned URL.
 description:
-  - Lists only the day prefixes of the window (C(<prefix>YYYY/MM/DD/), paginated) of O(bucket), or the single
+  - Lists only the keys of the window's day prefixes (C(<prefix>YYYY/MM/DD/), paginated, see O(listing)) of O(bucket), or the single
     O(prefix) of a flat store, filters the keys by name exactly like M(recordings_select) (same parser, same
     window rules), streams the selected objects into a ZIP in a temporary file (bounded memory, ZIP64 when
     needed), uploads it to O(results_bucket) and returns a presigned GET URL valid O(expiry) seconds.
@@ -41,6 +41,14 @@ options:
     description: Day prefix format with C(%Y), C(%m), C(%d).
     type: str
     default: "%Y/%m/%d"
+  listing:
+    description:
+      - V(days) lists each day prefix of the window (paginated); V(range) lists the key range from the first
+        day prefix to the end of the last one (StartAfter, stop past the last day), which holds the same keys in
+        ceil(keys/1000) calls; V(auto) uses V(range) when O(dir_format) sorts chronologically (C(%Y..%m..%d)).
+    type: str
+    choices: [auto, days, range]
+    default: auto
   extensions:
     description: Extensions (digit strings).
     type: list
@@ -96,8 +104,8 @@ options:
     type: str
     default: ""
   results_max_age_days:
-    description: Remove result ZIPs under O(results_prefix) older than this many days (0 keeps them).
-    type: int
+    description: Remove result ZIPs under O(results_prefix) older than this many days (fractions allowed; 0 keeps them).
+    type: float
     default: 0
   expiry:
     description: Lifetime of the presigned URL in seconds (SigV4 allows at most 7 days).
@@ -257,30 +265,68 @@ def with_slash(prefix):
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def list_selection(client, bucket, prefix, matcher, layout, dir_format):
-    """Page through only the prefixes of the window; filter by name; count list calls."""
+CHRONOLOGICAL_FORMAT = re.compile(r"^%Y([^%]*)%m([^%]*)%d$")
+
+
+def list_selection(client, bucket, prefix, matcher, layout, dir_format, listing="auto"):
+    """List only the keys of the window's days, filter them by name, count list calls.
+
+    listing=days: one paginated listing per day prefix (prefix + '2025/11/04/').
+    listing=range: one paginated listing of the key range from the first day prefix to the
+    end of the last one (StartAfter, then stop at the first key past the last day); since
+    zero-padded %Y..%m..%d prefixes sort like dates, that range holds exactly the window's
+    days, in ceil(keys/1000) calls instead of at least one per day. auto picks range when
+    dir_format sorts chronologically, else days. A flat layout lists the prefix with
+    Delimiter=/ (the whole store: there is no date in the key path).
+    """
     sel = Selection()
-    paginator = client.get_paginator("list_objects_v2")
-    if layout == "dated":
-        listings = [(prefix + d + "/", None) for d in matcher.window.day_dirs(dir_format)]
-    else:
-        listings = [(prefix, "/")]
-    for listed, delimiter in listings:
+    if layout == "flat":
+        return _list_pages(client, sel, dict(Bucket=bucket, Prefix=prefix, Delimiter="/"), prefix, prefix,
+                           matcher, None, None)
+    dirs = matcher.window.day_dirs(dir_format)
+    if listing == "auto":
+        listing = "range" if CHRONOLOGICAL_FORMAT.match(dir_format.strip("/")) else "days"
+    if listing == "range":
+        sel.dirs_listed = len(dirs)
+        wanted = set(dirs)
+        # StartAfter ends with '/': every key of the first day sorts above it (SeaweedFS
+        # skips the whole folder when StartAfter names the folder without its slash).
+        kwargs = dict(Bucket=bucket, Prefix=prefix, StartAfter=prefix + dirs[0] + "/")
+        # '0' follows '/' in ASCII: every key of the last day sorts below this bound.
+        stop = prefix + dirs[-1] + "0"
+        return _list_pages(client, sel, kwargs, prefix, None, matcher, stop, wanted)
+    for day in dirs:
         sel.dirs_listed += 1
-        kwargs = dict(Bucket=bucket, Prefix=listed)
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        for page in paginator.paginate(**kwargs):
-            sel.list_calls += 1
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
+        listed = prefix + day + "/"
+        _list_pages(client, sel, dict(Bucket=bucket, Prefix=listed), prefix, listed, matcher, None, None)
+    return sel
+
+
+def _list_pages(client, sel, kwargs, prefix, listed, matcher, stop, wanted_days):
+    """Page through one listing; with stop, end at the first key >= stop (no further call)."""
+    while True:
+        page = client.list_objects_v2(**kwargs)
+        sel.list_calls += 1
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if stop is not None and key >= stop:
+                sel.sort()
+                return sel
+            if listed is not None:
                 name = key[len(listed):]
-                if not name or "/" in name:
+            else:  # range listing: keep only <day>/<name> keys of the window's days
+                day, _, name = key[len(prefix):].rpartition("/")
+                if day not in wanted_days:
                     continue
-                sel.scanned += 1
-                hit = matcher.match(name)
-                if hit is not None:
-                    sel.add(key[len(prefix):], name, obj["Size"], hit[0], hit[1], hit[2], source=key)
+            if not name or "/" in name:
+                continue
+            sel.scanned += 1
+            hit = matcher.match(name)
+            if hit is not None:
+                sel.add(key[len(prefix):], name, obj["Size"], hit[0], hit[1], hit[2], source=key)
+        if not page.get("IsTruncated"):
+            break
+        kwargs = dict(kwargs, ContinuationToken=page["NextContinuationToken"])
     sel.sort()
     return sel
 
@@ -325,6 +371,7 @@ def main():
             prefix=dict(type="str", default=""),
             layout=dict(type="str", choices=["dated", "flat"], default="dated"),
             dir_format=dict(type="str", default="%Y/%m/%d"),
+            listing=dict(type="str", choices=["auto", "days", "range"], default="auto"),
             extensions=dict(type="list", elements="str", required=True),
             start=dict(type="str", required=True),
             end=dict(type="str", required=True),
@@ -338,7 +385,7 @@ def main():
             files_cap=dict(type="int", default=200),
             results_bucket=dict(type="str", required=True),
             results_prefix=dict(type="str", default=""),
-            results_max_age_days=dict(type="int", default=0),
+            results_max_age_days=dict(type="float", default=0),
             expiry=dict(type="int", default=259200),
             endpoint_url=dict(type="str", default=""),
             region=dict(type="str", default="us-east-1"),
@@ -384,7 +431,9 @@ def main():
             region_name=p["region"] or None,
             config=Config(signature_version="s3v4", s3={"addressing_style": p["addressing_style"]}),
         )
-        selection = list_selection(client, p["bucket"], prefix, matcher, p["layout"], p["dir_format"])
+        selection = list_selection(
+            client, p["bucket"], prefix, matcher, p["layout"], p["dir_format"], p["listing"]
+        )
         result.update(summary(selection, extensions, p["files_cap"]))
         result["list_calls"] = selection.list_calls
         result["dirs_listed"] = selection.dirs_listed
