@@ -431,6 +431,8 @@ def test_s3_route_nothing_found_and_too_many(world):
         ({"start": "01/11/2025 00:00"}, "Bad request"),
         ({"end": "2024-12-30 00:00"}, "Bad window"),
         ({"request_id": "../../etc"}, "Bad request"),
+        ({"requester": "not-an-email"}, "Bad request"),
+        ({"start": "2025-02-30 00:00"}, "day is out of range for month"),
         ({"server": "voip3"}, "not an enabled host of sip_servers"),
         ({"server": "nosuch"}, "not an enabled host of sip_servers"),
         ({"server": "voip9"}, "audios_from=nowhere"),
