@@ -9,6 +9,7 @@ time taken does not depend on which entry matched or how much of it.
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 import hmac
 import json
@@ -18,7 +19,6 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from email.utils import getaddresses
 from pathlib import Path
 
 from dispatcher.errors import AthomeError, AuthError
@@ -41,8 +41,16 @@ def valid_address(addr: str) -> bool:
 
 
 def sender_address(from_header: str) -> str:
-    """The single address of a From header, lower-cased; several or none is an AuthError."""
-    addresses = [a for _, a in getaddresses([from_header or ""]) if a]
+    """The single address of a raw From header, lower-cased; several, none or a malformed
+    header is an AuthError. Parsed the way mail clients and DMARC do (RFC 5322 with
+    encoded words only in display names), so an encoded word cannot smuggle an address."""
+    try:
+        header = email.policy.default.header_factory("From", from_header or "")
+        addresses = [a.addr_spec for a in header.addresses]
+    except Exception as exc:  # the parser's own errors on hostile input
+        raise AuthError("sender", f"unparsable From ({type(exc).__name__})") from None
+    if header.defects:
+        raise AuthError("sender", "malformed From header")
     if len(addresses) != 1:
         raise AuthError("sender", f"{len(addresses)} addresses in From")
     addr = addresses[0].strip().lower()
@@ -67,8 +75,12 @@ class SenderWhitelist:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
-            self._from_file, self._mtime = set(), None
-            return
+            # Being replaced (config management), or deleted by mistake: never treat it as
+            # "nobody may send", which would drop commands silently.
+            if self._mtime is not None:
+                log.error("senders file %s is missing; keeping the last list read", self.path)
+                return
+            raise AthomeError(f"senders file {self.path} does not exist") from None
         if mtime == self._mtime:
             return
         addrs = set()
@@ -141,9 +153,15 @@ class TokenStore:
         except FileNotFoundError:
             return []
         if mtime != self._mtime:
-            data = json.loads(self.path.read_text() or "[]")
-            self._entries = [TokenEntry(**e) for e in data]
-            self._mtime = mtime
+            try:
+                data = json.loads(self.path.read_text() or "[]")
+                entries = [TokenEntry(**e) for e in data]
+            except (OSError, ValueError, TypeError) as exc:
+                if self._mtime is None:
+                    raise AthomeError(f"tokens file {self.path} is unreadable: {exc}") from exc
+                log.error("tokens file %s is unreadable (%s); keeping the last version read", self.path, exc)
+                return list(self._entries)
+            self._entries, self._mtime = entries, mtime
         return list(self._entries)
 
     def match(self, token: str) -> TokenEntry | None:
@@ -161,6 +179,11 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:  # keep the owner (the service user) when root edits the file
+            st = self.path.stat()
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except (FileNotFoundError, PermissionError):
+            pass
         with os.fdopen(fd, "w") as f:
             json.dump([asdict(e) for e in entries], f, indent=1)
             f.flush()

@@ -124,6 +124,37 @@ def _secret(section: dict[str, Any], name: str, where: str, problems: list[str])
     return ""
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _addresses(value: Any, where: str, problems: list[str]) -> list[str]:
+    """A YAML list of e-mail addresses (a bare string is a mistake: it is not split)."""
+    from dispatcher.auth import valid_address
+
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of addresses, e.g. [{value}]")
+        return []
+    out = []
+    for item in value:
+        addr = str(item).strip().lower()
+        if not valid_address(addr):
+            problems.append(f"{where}: {item!r} is not an e-mail address")
+        else:
+            out.append(addr)
+    return out
+
+
+def _number(section: dict[str, Any], key: str, default, where: str, problems: list[str], kind=int):
+    value = section.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        problems.append(f"{where}.{key}: {value!r} is not a number")
+        return default
+
+
 def _path(base: Path, value: Any) -> Path | None:
     if value in (None, ""):
         return None
@@ -174,7 +205,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     if cfg.transport not in ("imap", "maildir"):
         problems.append(f"mail.transport: {cfg.transport!r} is not imap or maildir")
     cfg.from_address = str(mail.get("from_address", ""))
-    cfg.admin_addresses = [str(a).lower() for a in mail.get("admin_addresses", [])]
+    cfg.admin_addresses = _addresses(mail.get("admin_addresses"), "mail.admin_addresses", problems)
     if not cfg.from_address:
         problems.append("mail.from_address: missing (the address replies are sent from)")
     if not cfg.admin_addresses:
@@ -184,31 +215,36 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
         smtp = mail.get("smtp") or {}
         cfg.imap = IMAPSettings(
             host=str(imap.get("host", "")),
-            port=int(imap.get("port", 993)),
+            port=_number(imap, "port", 993, "mail.imap", problems),
             security=str(imap.get("security", "tls")),
             user=str(imap.get("user", "")),
             password=_secret(imap, "password", "mail.imap", problems),
             folder=str(imap.get("folder", "INBOX")),
             processed_folder=str(imap.get("processed_folder", "")),
             cafile=str(_path(base, imap.get("cafile")) or ""),
-            timeout=int(imap.get("timeout", 60)),
+            timeout=_number(imap, "timeout", 60, "mail.imap", problems),
         )
         cfg.smtp = SMTPSettings(
             host=str(smtp.get("host", "")),
-            port=int(smtp.get("port", 587)),
+            port=_number(smtp, "port", 587, "mail.smtp", problems),
             security=str(smtp.get("security", "starttls")),
             user=str(smtp.get("user", "")),
             password=_secret(smtp, "password", "mail.smtp", problems),
             cafile=str(_path(base, smtp.get("cafile")) or ""),
-            timeout=int(smtp.get("timeout", 60)),
+            timeout=_number(smtp, "timeout", 60, "mail.smtp", problems),
         )
         for name, s in (("imap", cfg.imap), ("smtp", cfg.smtp)):
             if not s.host:
                 problems.append(f"mail.{name}.host: missing")
             if s.security not in SECURITY:
                 problems.append(f"mail.{name}.security: {s.security!r} is not one of {SECURITY}")
-        if not cfg.imap.user or not cfg.imap.password:
-            problems.append("mail.imap: user and password (password_env or password_file) are needed")
+            elif s.security == "plain" and s.host not in LOOPBACK_HOSTS:
+                problems.append(
+                    f"mail.{name}.security: plain sends the password in clear; "
+                    f"only for a server on loopback, not {s.host}"
+                )
+        if not cfg.imap.user:
+            problems.append("mail.imap.user: missing")
     else:
         md = mail.get("maildir") or {}
         cfg.maildir_inbox = _path(base, md.get("inbox"))
@@ -217,28 +253,34 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
             problems.append("mail.maildir: inbox and outbox paths are needed")
 
     auth = data.get("auth") or {}
-    cfg.senders = [str(a).lower() for a in auth.get("senders", [])]
+    cfg.senders = _addresses(auth.get("senders"), "auth.senders", problems)
     cfg.senders_file = _path(base, auth.get("senders_file"))
     cfg.tokens_file = _path(base, auth.get("tokens_file")) or cfg.tokens_file
     if not cfg.senders and not cfg.senders_file:
         problems.append("auth: no senders and no senders_file: nobody could send a command")
 
     cmds = data.get("commands") or {}
-    cfg.max_window_days = int(cmds.get("max_window_days", cfg.max_window_days))
+    cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)
     worker = data.get("worker") or {}
-    cfg.max_attempts = int(worker.get("max_attempts", cfg.max_attempts))
-    cfg.retry_backoff = [int(x) for x in worker.get("retry_backoff", cfg.retry_backoff)]
-    cfg.playbook_timeout = int(worker.get("playbook_timeout", cfg.playbook_timeout))
-    cfg.artifacts_max_age_days = float(worker.get("artifacts_max_age_days", cfg.artifacts_max_age_days))
-    cfg.poll_interval = float(worker.get("poll_interval", cfg.poll_interval))
-    cfg.retention_days = float(worker.get("retention_days", cfg.retention_days))
+    cfg.max_attempts = _number(worker, "max_attempts", cfg.max_attempts, "worker", problems)
+    backoff = worker.get("retry_backoff", cfg.retry_backoff)
+    try:
+        cfg.retry_backoff = [int(x) for x in backoff]
+    except (TypeError, ValueError):
+        problems.append(f"worker.retry_backoff: {backoff!r} is not a list of seconds")
+    cfg.playbook_timeout = _number(worker, "playbook_timeout", cfg.playbook_timeout, "worker", problems)
+    cfg.artifacts_max_age_days = _number(
+        worker, "artifacts_max_age_days", cfg.artifacts_max_age_days, "worker", problems, float
+    )
+    cfg.poll_interval = _number(worker, "poll_interval", cfg.poll_interval, "worker", problems, float)
+    cfg.retention_days = _number(worker, "retention_days", cfg.retention_days, "worker", problems, float)
     if cfg.max_attempts < 1:
         problems.append("worker.max_attempts: must be at least 1")
     if not cfg.retry_backoff:
         problems.append("worker.retry_backoff: give at least one delay in seconds")
 
     # Missing secrets are reported by `athome check`, but only block commands that use them.
-    cfg.secret_problems = [p for p in problems if "_env" in p or "_file" in p or "password" in p]
+    cfg.secret_problems = [p for p in problems if "_env" in p or "_file" in p or "password (" in p]
     hard = [p for p in problems if p not in cfg.secret_problems]
     if hard:
         raise ConfigError(problems)

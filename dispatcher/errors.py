@@ -44,3 +44,7 @@ class QueueError(AthomeError):
 
 class TransportError(AthomeError):
     """Mail could not be read or sent right now (retry later)."""
+
+
+class PermanentTransportError(TransportError):
+    """The mail server refused for good (5xx): retrying would not help."""

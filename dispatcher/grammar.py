@@ -81,28 +81,47 @@ def strip_prefixes(text: str) -> str:
         text = text[match.end() :]
 
 
+MAX_TAGS = 3  # [EXTERNAL]-style tags a mail gateway may put before the token
+
+
+def _after_tags(text: str) -> tuple[str | None, str]:
+    for _ in range(MAX_TAGS + 1):
+        match = _TOKEN.match(text)
+        if match:
+            return match.group(1).upper(), text[match.end() :].strip()
+        bracket = _BRACKET.match(text)
+        if not bracket:
+            break
+        text = text[bracket.end() :]
+    return None, text.strip()
+
+
 def split_token(raw_subject: str) -> tuple[str | None, str]:
     """Return (token or None, command text). The token is never kept elsewhere.
 
-    A bracket that is not 8 hex digits counts as a missing token.
+    Tags a gateway adds before it ([EXTERNAL]) are skipped; a bracket that is not
+    8 hex digits is not a token.
     """
-    text = strip_prefixes(normalise_subject(raw_subject))
-    match = _TOKEN.match(text)
-    if match:
-        return match.group(1).upper(), text[match.end() :].strip()
-    bracket = _BRACKET.match(text)
-    if bracket:
-        return None, text[bracket.end() :].strip()
-    return None, text
+    return _after_tags(strip_prefixes(normalise_subject(raw_subject)))
 
 
-def mask_token(raw_subject: str) -> str:
-    """The subject as it can be quoted back: any leading [....] replaced by [********]."""
+def lenient_token(raw_subject: str) -> str | None:
+    """The token of a subject too malformed to parse (so its sender still gets an answer)."""
+    text = strip_prefixes(re.sub(r"[\x00-\x1f\x7f]", " ", (raw_subject or "")[: MAX_SUBJECT_CHARS * 4]))
+    return _after_tags(text)[0]
+
+
+def mask_token(raw_subject: str, token: str | None = None) -> str:
+    """The subject as it can be quoted back: every [8 hex] group, and the token wherever
+    it appears, replaced by ********."""
     try:
         text = strip_prefixes(normalise_subject(raw_subject))
     except GrammarError:
-        text = re.sub(r"[\x00-\x1f\x7f]", "?", (raw_subject or "")[:MAX_SUBJECT_CHARS])
-    return _BRACKET.sub("[********] ", text, count=1).strip()
+        text = strip_prefixes(re.sub(r"[\x00-\x1f\x7f]", "?", (raw_subject or "")))[:MAX_SUBJECT_CHARS] + "…"
+    text = re.sub(r"\[[0-9A-Fa-f]{8}\]", "[********]", text)
+    if token:
+        text = re.sub(re.escape(token), "********", text, flags=re.IGNORECASE)
+    return text.strip()
 
 
 # ------------------------------------------------------------- KEY=value pairs
@@ -216,6 +235,17 @@ def parse_window(
     return start, end
 
 
+# Addresses that are never a remote caller to unban (same rule as the playbook's own
+# check, roles/fail2ban_whitelist/filter_plugins): IPv4-mapped IPv6 counts as IPv4.
+_SPECIAL_IP = (
+    ("is_unspecified", "não especificado"),
+    ("is_loopback", "loopback"),
+    ("is_multicast", "multicast"),
+    ("is_link_local", "link-local"),
+    ("is_reserved", "reservado"),
+)
+
+
 def parse_ip(value: str, example: str = "", command: str | None = None) -> str:
     """One IPv4/IPv6 host address (compressed form); not a network, not special-use."""
     if "/" in value:
@@ -224,11 +254,16 @@ def parse_ip(value: str, example: str = "", command: str | None = None) -> str:
         ip = ipaddress.ip_address(value)
     except ValueError:
         raise GrammarError(f"Endereço IP inválido: “{value[:45]}”.", example, command) from None
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for attr, what in _SPECIAL_IP:
+        if getattr(ip, attr):
+            raise GrammarError(
+                f"O endereço {ip} não pode ser liberado: é um endereço {what}.", example, command
+            )
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
         raise GrammarError(
-            f"O endereço {ip} não pode ser liberado (não especificado, loopback ou multicast).",
-            example,
-            command,
+            f"O endereço {ip} não pode ser liberado: é o endereço de broadcast.", example, command
         )
     return ip.compressed
 

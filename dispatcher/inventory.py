@@ -150,7 +150,14 @@ class InventoryWatcher:
     def get(self) -> Inventory:
         sig = _files_signature(self.path) if self.path.exists() else ()
         if self._inv is None or sig != self._sig:
-            inv = load(self.path)
+            try:
+                inv = load(self.path)
+            except Exception as exc:
+                if self._inv is None:
+                    raise
+                # A half-written file during `git pull`, or a bad push: keep serving the last good one.
+                log.error("inventory %s does not load (%s); keeping the last good version", self.path, exc)
+                return self._inv
             if self._inv is not None:
                 log.info("inventory %s changed: reloaded (%d hosts)", self.path, len(inv.hosts))
             self._inv, self._sig = inv, sig

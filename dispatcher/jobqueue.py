@@ -29,7 +29,7 @@ import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,11 @@ INTERRUPTED = "a execução foi interrompida (o serviço parou) e as tentativas 
 
 
 def new_request_id(now: float | None = None) -> str:
-    """Sortable and unique: 20251111_171215_482913_a1 (local time, microseconds, random)."""
+    """Sortable and unique: 20251111_171215_482913_a1 (UTC, microseconds, random byte).
+
+    UTC keeps the order across DST and time-zone changes of the controller."""
     now = time.time() if now is None else now
-    stamp = datetime.fromtimestamp(now)
+    stamp = datetime.fromtimestamp(now, tz=timezone.utc)
     return f"{stamp:%Y%m%d_%H%M%S}_{stamp.microsecond:06d}_{secrets.token_hex(1)}"
 
 
@@ -90,6 +92,8 @@ class DirQueue:
         self.max_attempts = max_attempts
         for d in _DIRS:
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        st = self.root.stat()
+        self._owner = (st.st_uid, st.st_gid)
 
     # ------------------------------------------------------------- low level
 
@@ -100,6 +104,9 @@ class DirQueue:
         tmp = self.root / "tmp" / f"{job.id}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if os.geteuid() == 0 and self._owner[0] != 0:
+                # root (an operator's sudo) writes records the service user can still read
+                os.fchown(fd, *self._owner)
             os.write(fd, job.to_json())
             os.fsync(fd)
         finally:
@@ -187,6 +194,9 @@ class DirQueue:
                 continue
             except QueueError:
                 continue
+            except OSError as exc:  # e.g. a record another user wrote 0600
+                log.error("cannot read queue record %s: %s; skipped", name, exc)
+                continue
             if job.not_before > now:
                 continue
             try:
@@ -232,12 +242,19 @@ class DirQueue:
         self._move(job, "failed", "pending", "requeue")
         return job
 
-    def recover(self) -> list[str]:
-        """At start: settle what a crash left in processing/. Returns what was done, for the log."""
+    def recover(self, min_age: float = 0.0) -> list[str]:
+        """At start: settle what a crash left in processing/. Returns what was done, for the log.
+
+        Records younger than min_age seconds are left alone (another process may be
+        working on them: the outbox is flushed by both intake and work)."""
         actions = []
+        young = time.time() - min_age
         for name in sorted(os.listdir(self.root / "processing")):
             if not name.endswith(_SUFFIX):
                 continue
+            with contextlib.suppress(FileNotFoundError):
+                if min_age and os.stat(self.root / "processing" / name).st_mtime > young:
+                    continue
             job_id = name[: -len(_SUFFIX)]
             later = next((s for s in ("done", "failed", "pending") if self._path(s, job_id).exists()), None)
             if later:
@@ -267,8 +284,12 @@ class DirQueue:
                 job.note("recovered after interruption")
                 self._move(job, "processing", "pending", "recover")
                 actions.append(f"{job_id}: interrupted -> pending")
+        stale = time.time() - max(min_age, 3600)
         for tmp in (self.root / "tmp").iterdir():
-            tmp.unlink()  # never renamed into place: a write that did not complete
+            # never renamed into place: a write that did not complete (not one under way now)
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < stale:
+                    tmp.unlink()
         for action in actions:
             log.warning("queue recovery: %s", action)
         return actions

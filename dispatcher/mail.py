@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import mailbox
+import re
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -17,12 +18,12 @@ from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import formatdate, getaddresses, make_msgid, parseaddr
 from pathlib import Path
 from typing import Protocol
 
 from dispatcher.config import IMAPSettings, SMTPSettings
-from dispatcher.errors import TransportError
+from dispatcher.errors import PermanentTransportError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 class Incoming:
     uid: str
     message_id: str
-    from_header: str  # every From header, joined: several addresses are refused later
+    from_header: str  # every From header, raw (not decoded): several addresses are refused later
     subject: str
     references: str = ""
+    automated: str = ""  # why this looks like a machine's mail (bounce, auto-reply), or ""
 
     @property
     def key(self) -> str:
@@ -42,29 +44,80 @@ class Incoming:
         return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:40]
 
 
-def _decode(value: str | None) -> str:
-    if not value:
+_MSGID = re.compile(r"<[^<>\s]{1,250}>")
+MAX_REFERENCES = 20
+MSGID_TAG = "athome-ops"  # in our replies' Message-IDs: <....athome-ops@domain>
+
+
+def answers_us(incoming: Incoming) -> bool:
+    """The message replies to one of our own emails (it references our Message-ID)."""
+    return f".{MSGID_TAG}@" in incoming.references
+
+
+def _text(value) -> str:
+    """A header value as text, whatever the parser made of it (str, Header, 8-bit bytes)."""
+    if value is None:
         return ""
     try:
-        return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
         return str(value)
+    except Exception:  # a Header with undecodable parts
+        return repr(value)
+
+
+def _decode(value) -> str:
+    text = _text(value)
+    try:
+        return str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, TypeError):
+        return text
+
+
+def _msgids(value) -> list[str]:
+    """The <...> tokens of a Message-ID/References/In-Reply-To value (unfolded, nothing else)."""
+    return _MSGID.findall(_text(value).encode("ascii", "replace").decode())
+
+
+def _automated(headers) -> str:
+    auto = _text(headers.get("Auto-Submitted")).strip().lower()
+    if auto and auto != "no":
+        return f"Auto-Submitted: {auto}"
+    precedence = _text(headers.get("Precedence")).strip().lower()
+    if precedence in ("bulk", "junk", "list", "auto_reply"):
+        return f"Precedence: {precedence}"
+    if _text(headers.get("Return-Path")).strip() == "<>":
+        return "null Return-Path (a bounce)"
+    local = parseaddr(_text(headers.get("From")))[1].split("@", 1)[0].lower()
+    if local in ("mailer-daemon", "postmaster"):
+        return f"From {local}"
+    return ""
 
 
 def incoming_from_headers(uid: str, headers) -> Incoming:
     """Build an Incoming from an email.message.Message (headers are enough)."""
-    froms = headers.get_all("From") or []
+    ids = _msgids(headers.get("Message-ID"))
+    message_id = ids[0] if ids else ""
+    refs = _msgids(headers.get("References")) or _msgids(headers.get("In-Reply-To"))
+    refs = [r for r in refs if r != message_id][-(MAX_REFERENCES - 1) :]
     return Incoming(
         uid=str(uid),
-        message_id=(headers.get("Message-ID") or "").strip(),
-        from_header=", ".join(_decode(f) for f in froms),
+        message_id=message_id,
+        from_header=", ".join(_text(f) for f in headers.get_all("From") or []),
         subject=_decode(headers.get("Subject")),
-        references=" ".join(
-            x
-            for x in ((headers.get("References") or "").strip(), (headers.get("Message-ID") or "").strip())
-            if x
-        ),
+        references=" ".join([*refs, message_id]).strip(),
+        automated=_automated(headers),
     )
+
+
+def parse_all(items) -> list[Incoming]:
+    """Incoming for each (uid, headers); a message whose headers cannot be read is skipped
+    (and stays in the mailbox for a person to look at), never stopping the others."""
+    found = []
+    for uid, headers in items:
+        try:
+            found.append(incoming_from_headers(uid, headers))
+        except Exception:
+            log.exception("message %s has headers that cannot be read; left in the mailbox", uid)
+    return found
 
 
 class Inbox(Protocol):
@@ -114,7 +167,7 @@ class IMAPInbox:
             msgs = list(self.box.fetch(AND(seen=False), mark_seen=False, headers_only=True, bulk=50))
         except Exception as exc:
             raise TransportError(f"IMAP fetch failed: {exc}") from exc
-        return [incoming_from_headers(m.uid, m.obj) for m in msgs if m.uid]
+        return parse_all((m.uid, m.obj) for m in msgs if m.uid)
 
     def ack(self, uid: str) -> None:
         from imap_tools import MailMessageFlags
@@ -150,15 +203,14 @@ class MaildirInbox:
 
     def fetch(self) -> list[Incoming]:
         self.box.clean()
-        found = []
+        items = []
         for key in sorted(self.box.iterkeys()):
             msg = self.box.get_message(key)
             if "S" in msg.get_flags():
                 continue
             with self.box.get_file(key) as f:
-                headers = BytesHeaderParser().parse(f)
-            found.append(incoming_from_headers(key, headers))
-        return found
+                items.append((key, BytesHeaderParser().parse(f)))
+        return parse_all(items)
 
     def ack(self, uid: str) -> None:
         msg = self.box.get_message(uid)
@@ -205,6 +257,13 @@ class SMTPSender:
                 if s.user:
                     client.login(s.user, s.password)
                 refused = client.sendmail(mail_from, recipients, raw)
+        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+            code = getattr(exc, "smtp_code", None)
+            if isinstance(exc, smtplib.SMTPRecipientsRefused):
+                codes = [c for c, _ in exc.recipients.values()]
+                code = min(codes) if codes else None
+            error = PermanentTransportError if code and code >= 500 else TransportError
+            raise error(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
         except (OSError, smtplib.SMTPException) as exc:
             raise TransportError(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
         if refused:
@@ -234,7 +293,7 @@ def build_message(
         msg["Cc"] = ", ".join(cc)
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain=from_address.rsplit("@", 1)[-1] or None)
+    msg["Message-ID"] = make_msgid(idstring=MSGID_TAG, domain=from_address.rsplit("@", 1)[-1] or None)
     if in_reply_to:
         msg["In-Reply-To"] = in_reply_to
     if references:

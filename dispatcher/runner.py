@@ -60,7 +60,10 @@ class PlaybookResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "successful" and all(h.succeeded for h in self.hosts.values())
+        # No host at all (an inventory that matched nothing) is not a success.
+        return (
+            self.status == "successful" and bool(self.hosts) and all(h.succeeded for h in self.hosts.values())
+        )
 
     @property
     def unreachable(self) -> list[str]:
@@ -100,6 +103,8 @@ def base_envvars(control_path_dir: str | None = None) -> dict[str, str]:
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        # A broken inventory must fail the run, not turn into "no hosts matched".
+        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
     }

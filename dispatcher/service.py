@@ -32,10 +32,18 @@ from dispatcher import commands, grammar, runner
 from dispatcher.auth import SenderWhitelist, TokenStore, authenticate, may_run, sender_address
 from dispatcher.commands import Command
 from dispatcher.config import Config
-from dispatcher.errors import AthomeError, AuthError, GrammarError, TransportError
+from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, new_request_id
-from dispatcher.mail import IMAPInbox, Incoming, MaildirInbox, MaildirSender, SMTPSender, build_message
+from dispatcher.mail import (
+    IMAPInbox,
+    Incoming,
+    MaildirInbox,
+    MaildirSender,
+    SMTPSender,
+    answers_us,
+    build_message,
+)
 from dispatcher.replies import Replies
 
 log = logging.getLogger(__name__)
@@ -90,7 +98,8 @@ class Dispatcher:
 
     def recover(self) -> list[str]:
         """Settle what a crash left behind; only the holder of the work lock may."""
-        return self.jobs.recover() + self.outbox.recover()
+        # A reply being sent by the intake process right now is younger than this.
+        return self.jobs.recover() + self.outbox.recover(min_age=900)
 
     def prune(self) -> dict[str, int]:
         """Drop what is older than worker.retention_days: finished jobs, sent replies, seen markers."""
@@ -156,13 +165,26 @@ class Dispatcher:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, marker)
+        fd = os.open(marker.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _decide(self, msg: Incoming, request_id: str) -> str:
-        masked = grammar.mask_token(msg.subject)
+        if msg.automated:
+            log.info("ignored message %s: automatic mail (%s)", msg.key[:12], msg.automated)
+            return "ignored"
+        subject_error = None
         try:
             token, text = grammar.split_token(msg.subject)
-        except GrammarError:
-            token, text = None, ""
+        except GrammarError as exc:
+            token, text, subject_error = grammar.lenient_token(msg.subject), "", exc
+        masked = grammar.mask_token(msg.subject, token)
+        if token is None and answers_us(msg):
+            # A person answered one of our replies without a command: nothing to do, no alarm.
+            log.info("ignored message %s: a reply to our own mail without a token", msg.key[:12])
+            return "ignored"
         try:
             identity = authenticate(msg.from_header, token, self.whitelist, self.tokens)
         except AuthError as exc:
@@ -185,6 +207,9 @@ class Dispatcher:
             return "replied"
         sender = identity.sender
         try:
+            if subject_error is not None:
+                subject_error.example = subject_error.example or commands.examples()
+                raise subject_error
             inv = self.inventory.get()
             cmd = commands.parse(text, inv.parse_context(self.cfg.max_window_days))
         except GrammarError as exc:
@@ -292,16 +317,20 @@ class Dispatcher:
             job_id=reply_id,
         )
 
-    def flush_outbox(self) -> int:
+    def flush_outbox(self, stop: threading.Event | None = None) -> int:
         """Send every due reply; stop at the first transport failure (retry later)."""
         sent = 0
-        while True:
+        while stop is None or not stop.is_set():
             item = self.outbox.claim()
             if item is None:
                 return sent
             raw = base64.b64decode(item.payload["raw"])
             try:
                 self._sender.send(raw, self.cfg.from_address, item.payload["rcpt"])
+            except PermanentTransportError as exc:
+                log.error("reply %s refused for good, not retried: %s", item.id, exc)
+                self.outbox.finish(item, success=False, reason=str(exc))
+                continue
             except TransportError as exc:
                 delay = min(OUTBOX_MAX_DELAY, 15 * 2 ** min(item.attempts, 10))
                 log.warning("reply %s not sent (%s); next try in %ss", item.id, exc, delay)
@@ -312,23 +341,46 @@ class Dispatcher:
             log.info(
                 "sent reply %s (%s) to %s", item.id, item.payload.get("kind"), ", ".join(item.payload["rcpt"])
             )
+        return sent
 
     # ----------------------------------------------------------------- work
 
-    def work_once(self, max_jobs: int | None = None) -> int:
-        """Run due jobs until none is left (or max_jobs); then send replies."""
+    def work_once(self, max_jobs: int | None = None, stop: threading.Event | None = None) -> int:
+        """Run due jobs until none is left (or max_jobs, or `stop` is set); then send replies."""
         for job in self.jobs.completed_in_processing():
             self._complete(job)
         done = 0
-        while max_jobs is None or done < max_jobs:
+        while (max_jobs is None or done < max_jobs) and not (stop and stop.is_set()):
             job = self.jobs.claim()
             if job is None:
                 break
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception as exc:  # never leave a claimed job behind
+                log.exception("%s: the worker failed around the playbook", job.id)
+                self._give_back(job, f"{type(exc).__name__}: {exc}")
             done += 1
-        self.flush_outbox()
+        self.flush_outbox(stop)
         self.prune()
         return done
+
+    def _give_back(self, job: Job, reason: str) -> None:
+        """After an error of the worker itself: retry later, or fail it with a reply."""
+        try:
+            if job.attempts < job.max_attempts:
+                self.jobs.retry_later(job, self._backoff(job), reason=reason)
+            else:
+                job.result = {
+                    "outcome": "failed",
+                    "playbook": {"status": "failed", "hosts": {}, "errors": [reason]},
+                }
+                self.jobs.checkpoint(job)
+                self._complete(job)
+        except Exception:
+            log.exception("%s: could not give the job back; recovery at the next start will", job.id)
+
+    def _backoff(self, job: Job) -> int:
+        return self.cfg.retry_backoff[min(job.attempts, len(self.cfg.retry_backoff)) - 1]
 
     def _run(self, job: Job) -> None:
         payload = job.payload
@@ -369,7 +421,7 @@ class Dispatcher:
             transient = spec.transient(cmd, result)
         _crash_point("work-after-run")
         if transient and job.attempts < job.max_attempts:
-            delay = self.cfg.retry_backoff[min(job.attempts, len(self.cfg.retry_backoff)) - 1]
+            delay = self._backoff(job)
             log.warning("%s: transient failure (%s); retry in %ss", job.id, result.status, delay)
             self.jobs.retry_later(
                 job, delay, reason=f"{result.status}: {result.unreachable or result.errors}"
@@ -385,17 +437,16 @@ class Dispatcher:
         self._complete(job)
 
     def _complete(self, job: Job) -> None:
+        """Queue the result reply and finish the job; a reply that cannot be rendered falls
+        back to the generic template, then to a bare one, so the job never stays stuck."""
         payload = job.payload
         spec = commands.COMMANDS.get(payload["command"])
         outcome = job.result.get("outcome", "failed")
-        template = spec.template if spec and self.replies.has(spec.template) else "result"
         playbook = job.result.get("playbook") or {"hosts": {}, "errors": ["interrompido"], "status": "failed"}
-        self._queue_reply(
-            f"{job.id}-result",
-            template,
-            to=[payload["requester"]],
-            in_reply_to=payload.get("message_id", ""),
-            references=payload.get("references", ""),
+        # A job an operator re-queued gets a new reply (ids are idempotent otherwise).
+        requeued = sum(1 for h in job.history if h.get("event") == "requeued by operator")
+        reply_id = f"{job.id}-result" + (f"-{requeued}" if requeued else "")
+        values = dict(
             request_id=job.id,
             command=payload["command_text"],
             command_name=payload["command"],
@@ -403,6 +454,20 @@ class Dispatcher:
             outcome=outcome,
             result=playbook,
         )
+        preferred = spec.template if spec and self.replies.has(spec.template) else "result"
+        for template in dict.fromkeys((preferred, "result", "bare")):
+            try:
+                self._queue_reply(
+                    reply_id,
+                    template,
+                    to=[payload["requester"]],
+                    in_reply_to=payload.get("message_id", ""),
+                    references=payload.get("references", ""),
+                    **values,
+                )
+                break
+            except Exception:
+                log.exception("%s: reply template %s failed", job.id, template)
         _crash_point("work-after-reply")
         self.jobs.finish(job, success=outcome != "failed", outcome=outcome)
         log.info("finished %s: %s", job.id, outcome)
@@ -424,7 +489,9 @@ class Dispatcher:
 
         threads = [
             threading.Thread(target=loop, args=("intake", self.poll_once), name="intake", daemon=True),
-            threading.Thread(target=loop, args=("work", self.work_once), name="work", daemon=True),
+            threading.Thread(
+                target=loop, args=("work", lambda: self.work_once(stop=stop)), name="work", daemon=True
+            ),
         ]
         for t in threads:
             t.start()

@@ -67,7 +67,7 @@ def smtp_sink():
 def smtp(smtp_sink):
     """The session's SMTP sink, emptied for this test."""
     smtp_sink.messages.clear()
-    smtp_sink.down = False
+    smtp_sink.down = smtp_sink.reject = False
     return smtp_sink
 
 

@@ -282,7 +282,8 @@ class SMTPSink:
     password: str | None = None
     port: int = field(default_factory=free_port)
     messages: list = field(default_factory=list)
-    down: bool = False
+    down: bool = False  # answer 451 (try later) to every message
+    reject: bool = False  # answer 550 (refused for good) to every message
 
     def start(self) -> SMTPSink:
         from aiosmtpd.controller import Controller
@@ -294,6 +295,8 @@ class SMTPSink:
             async def handle_DATA(self, server, session, envelope):  # noqa: N802
                 if sink.down:
                     return "451 4.3.0 temporarily unavailable (test)"
+                if sink.reject:
+                    return "550 5.1.1 mailbox unavailable (test)"
                 raw = envelope.original_content or envelope.content
                 sink.messages.append(
                     (envelope.mail_from, list(envelope.rcpt_tos), email.message_from_bytes(raw))

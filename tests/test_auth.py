@@ -99,3 +99,11 @@ def test_authenticate_checks_sender_before_token(store):
         authenticate("OK <OK@example.test>", None, wl, store)
     assert info.value.reason == "token"
     assert authenticate("OK <OK@example.test>", token, wl, store).sender == "ok@example.test"
+
+
+def test_an_encoded_word_cannot_smuggle_a_whitelisted_address():
+    header = "=?utf-8?q?ana=40example=2Etest_=28?=<eve@evil.test>=?utf-8?q?=29?="
+    with pytest.raises(AuthError):
+        assert sender_address(header) != "ana@example.test"
+    assert sender_address("=?UTF-8?Q?Jos=C3=A9?= <Jose@Example.test>") == "jose@example.test"
+    assert sender_address('"Silva, Ana" <ana@example.test>') == "ana@example.test"

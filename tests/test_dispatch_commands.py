@@ -184,3 +184,17 @@ def test_ramais_with_nothing_in_the_window_says_so_and_echoes_the_criteria(ramai
     assert "01/10/2025 00:00 a 02/10/2025 00:00" in text and "1121" in text
     assert "❌" not in msg["Subject"]
     assert not list((site.workdir / "www").glob("*.zip"))
+
+
+def test_a_target_disabled_between_queueing_and_running_is_not_reported_as_done(mac_site):
+    site, gv2p = mac_site
+    before = gv2p.files()
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    assert site.dispatcher.poll_once()["queued"] == 1
+    data = yaml.safe_load(site.inventory_path.read_text())
+    data["all"]["children"]["mac_servers"]["hosts"]["gv2p"]["enabled"] = False
+    site.inventory_path.write_text(yaml.safe_dump(data))
+    site.dispatcher.work_once()
+    msg, text = site.last_result()
+    assert "❌" in msg["Subject"], text
+    assert gv2p.files() == before

@@ -98,8 +98,14 @@ INVALID = [
     ("[A1B2C3D4] CHECKIP=0.0.0.0/0", "não uma rede"),
     ("[A1B2C3D4] CHECKIP=127.0.0.1", "loopback"),
     ("[A1B2C3D4] CHECKIP=0.0.0.0", "não especificado"),
+    ("[A1B2C3D4] CHECKIP=::", "não especificado"),
     ("[A1B2C3D4] CHECKIP=224.0.0.1", "multicast"),
     ("[A1B2C3D4] CHECKIP=999.1.1.1", "IP inválido"),
+    ("[A1B2C3D4] CHECKIP=169.254.1.1", "link-local"),
+    ("[A1B2C3D4] CHECKIP=240.0.0.1", "reservado"),
+    ("[A1B2C3D4] CHECKIP=255.255.255.255", "não pode ser liberado"),
+    ("[A1B2C3D4] CHECKIP=::ffff:127.0.0.1", "loopback"),
+    ("[A1B2C3D4] CHECKIP=fe80::1", "link-local"),
     ("[A1B2C3D4] CHECKIP=3.3.3.3 CHECKIP=4.4.4.4", "mais de uma vez"),
     ("[A1B2C3D4] CHECKIP=3.3.3.3 SERVER=gv1p", "desconhecida: SERVER"),
     ("[A1B2C3D4] CHECKIP=", "IP inválido"),
@@ -209,9 +215,36 @@ def test_keyword_shaped_noise_never_crashes(text):
 @settings(max_examples=200, deadline=None)
 @given(st.ip_addresses())
 def test_every_accepted_ip_is_a_single_public_or_private_host(ip):
+    mapped = getattr(ip, "ipv4_mapped", None) or ip
+    special = any(
+        getattr(mapped, a)
+        for a in ("is_loopback", "is_unspecified", "is_multicast", "is_link_local", "is_reserved")
+    )
+    special = special or str(mapped) == "255.255.255.255"
     try:
         value = grammar.parse_ip(str(ip))
     except GrammarError:
-        assert ip.is_loopback or ip.is_unspecified or ip.is_multicast
+        assert special
     else:
-        assert value == ip.compressed
+        assert not special and value == mapped.compressed
+
+
+def test_gateway_tags_before_the_token_are_skipped():
+    token, text = grammar.split_token("RES: [EXTERNAL] [SPAM?] [a1b2c3d4] CHECKIP=3.3.3.3")
+    assert token == "A1B2C3D4" and text == "CHECKIP=3.3.3.3"
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Re: [A1B2C3D4] CHECKIP=" + "1" * 600,
+        "Re: [A1B2C3D4] CHECKIP=3.3.3.3\u200b",
+        "[EXTERNAL] [A1B2C3D4] CHECKIP=3.3.3.3",
+        "Re: [A1B2C3D4] CHECKIP=3.3.3.3 a1b2c3d4",
+    ],
+)
+def test_the_token_is_masked_wherever_it_appears(subject):
+    token = grammar.lenient_token(subject)
+    assert token == "A1B2C3D4"
+    masked = grammar.mask_token(subject, token)
+    assert "A1B2C3D4" not in masked.upper()

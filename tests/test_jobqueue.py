@@ -142,6 +142,8 @@ def test_a_crash_at_each_step_loses_nothing_and_duplicates_nothing(
         q.put({"n": 1}, job_id="job-1")
     assert run_child(tmp_path, step, crash_at) == 77, "the child died at the crash point"
     q = DirQueue(tmp_path)
+    for leftover in (q.root / "tmp").iterdir():  # as if the crash was over an hour ago
+        os.utime(leftover, (time.time() - 7200, time.time() - 7200))
     q.recover()
     f = files(q)
     everywhere = [n for s in STATES for n in f[s]]
@@ -182,3 +184,10 @@ def test_records_are_plain_json_readable_by_ops(tmp_path):
     data = json.loads((q.root / "pending" / f"{job.id}.json").read_text())
     assert data["payload"]["params"] == {"ip": "3.3.3.3"}
     assert oct((q.root / "pending" / f"{job.id}.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_run_that_reached_no_host_is_not_a_success():
+    from dispatcher.runner import HostResult, PlaybookResult
+
+    assert not PlaybookResult("x.yml", "successful", 0).succeeded
+    assert PlaybookResult("x.yml", "successful", 0, {"h": HostResult("h")}).succeeded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.policy
 from email.message import EmailMessage
 
 import pytest
@@ -113,3 +114,61 @@ def test_maildir_transport_round_trip(tmp_path):
     assert box.fetch() == []
     MaildirSender(tmp_path / "outbox").send(b"Subject: ok\r\n\r\nbody", "a@x", ["b@x"])
     assert len(list((tmp_path / "outbox" / "new").iterdir())) == 1
+
+
+def test_a_permanent_smtp_refusal_is_told_apart_from_a_temporary_one(smtp):
+    from dispatcher.errors import PermanentTransportError
+
+    settings = SMTPSettings(host="127.0.0.1", port=smtp.port, security="plain", timeout=5)
+    raw = b"From: a@example.test\r\nSubject: x\r\n\r\nx"
+    smtp.down = True
+    with pytest.raises(TransportError) as info:
+        SMTPSender(settings).send(raw, "a@example.test", ["b@example.test"])
+    assert not isinstance(info.value, PermanentTransportError)
+    smtp.down, smtp.reject = False, True
+    with pytest.raises(PermanentTransportError):
+        SMTPSender(settings).send(raw, "a@example.test", ["b@example.test"])
+
+
+HOSTILE_HEADERS = (
+    b"From: Ana <ana@example.test>\r\n"
+    b"Message-ID: <\xe9\xe9@example.test>\r\n"
+    b"References: <a1@example.test>\r\n <a2@example.test>\r\n\t<a3@example.test>\r\n"
+    b"Subject: [A1B2C3D4] HELP\r\n\r\nbody"
+)
+
+
+def test_eight_bit_and_folded_threading_headers_are_normalised_and_replies_still_build(tmp_path):
+    box = MaildirInbox(tmp_path / "inbox")
+    box.box.add(HOSTILE_HEADERS)
+    box.box.add(b"no headers at all")
+    msgs = box.fetch()
+    assert len(msgs) == 2
+    msg = next(m for m in msgs if m.subject)
+    assert msg.references.startswith("<a1@example.test> <a2@example.test> <a3@example.test>")
+    assert "\n" not in msg.references
+    raw = build_message(
+        from_address="ops@example.test",
+        to=["ana@example.test"],
+        subject="s",
+        text="t",
+        html="<p>t</p>",
+        in_reply_to=msg.message_id,
+        references=msg.references,
+    )
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert str(parsed["References"]).split()[:3] == [
+        "<a1@example.test>",
+        "<a2@example.test>",
+        "<a3@example.test>",
+    ]
+
+
+def test_automatic_mail_is_recognised(tmp_path):
+    box = MaildirInbox(tmp_path / "inbox")
+    for extra in (b"Auto-Submitted: auto-replied\r\n", b"Precedence: bulk\r\n", b"Return-Path: <>\r\n"):
+        box.box.add(b"From: ana@example.test\r\n" + extra + b"Subject: Ausente\r\n\r\nx")
+    box.box.add(b"From: MAILER-DAEMON@example.test\r\nSubject: Undelivered\r\n\r\nx")
+    box.box.add(b"From: ana@example.test\r\nAuto-Submitted: no\r\nSubject: [A1B2C3D4] HELP\r\n\r\nx")
+    reasons = sorted(m.automated for m in box.fetch())
+    assert reasons[0] == "" and all(reasons[1:]), reasons

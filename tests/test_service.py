@@ -167,3 +167,112 @@ def test_check_reports_config_problems_without_leaking_values(tmp_path, monkeypa
     assert "secrets are not accepted in the config file" in out
     assert "ATHOME_NOT_SET_ANYWHERE is not set" in out
     assert "hunter2hunter2" not in out
+
+
+def test_automatic_mail_and_replies_to_our_own_mail_get_no_answer(make):
+    d = make()
+    box = d._inbox_factory().box
+    box.add(
+        b"From: ana@example.test\r\nAuto-Submitted: auto-replied\r\nMessage-ID: <ooo@x>\r\n"
+        b"Subject: Ausente: [A1B2C3D4] CHECKIP=3.3.3.3\r\n\r\nfora do escritorio"
+    )
+    box.add(
+        b"From: ana@example.test\r\nMessage-ID: <re@x>\r\nIn-Reply-To: <1.2.3.athome-ops@example.test>\r\n"
+        b"References: <1.2.3.athome-ops@example.test>\r\nSubject: Re: Pedido recebido\r\n\r\nobrigada!"
+    )
+    counts = d.poll_once()
+    assert counts["ignored"] == 2 and counts["replied"] == 0
+    assert d.outbox.list("done") == [] and d.outbox.list("pending") == []
+
+
+def test_a_reply_that_cannot_be_rendered_falls_back_and_the_job_finishes(make):
+    d = make()
+    job = d.jobs.put(
+        {
+            "command": "CHECKIP",
+            "params": {"ip": "3.3.3.3"},
+            "command_text": "CHECKIP=3.3.3.3",
+            "requester": "ana@example.test",
+            "message_id": "<m@x>",
+            "references": "",
+        }
+    )
+    claimed = d.jobs.claim()
+    # A report the checkip template cannot show (a host entry that is not a mapping).
+    claimed.result = {
+        "outcome": "success",
+        "playbook": {"status": "successful", "errors": [], "hosts": {"gv1p": {"status": "ok"}}},
+    }
+    d.jobs.checkpoint(claimed)
+    d.work_once()
+    assert d.jobs.get(job.id).state == "done"
+    [reply] = d.outbox.list("done")
+    assert reply.id == f"{job.id}-result" and reply.payload["kind"] in ("result", "bare")
+
+
+def test_an_operator_retry_gets_its_own_result_reply(make):
+    d = make()
+    job = d.jobs.put(
+        {
+            "command": "GONE",
+            "params": {},
+            "command_text": "GONE=1",
+            "requester": "ana@example.test",
+            "message_id": "<m@x>",
+            "references": "",
+        }
+    )
+    d.work_once()
+    d.jobs.retry_failed(job.id)
+    d.work_once()
+    ids = sorted(r.id for r in d.outbox.list("done"))
+    assert ids == [f"{job.id}-result", f"{job.id}-result-1"]
+
+
+def test_a_reply_refused_for_good_is_set_aside_not_retried_for_months(make, smtp):
+    d = make()
+    from dispatcher.mail import SMTPSender
+
+    d._sender = SMTPSender(config.SMTPSettings(host="127.0.0.1", port=smtp.port, security="plain", timeout=5))
+    drop(d, f"[{make.token}] HELP", "<h@x>")
+    smtp.reject = True
+    d.poll_once()
+    assert d.outbox.count("pending") == 0
+    [failed] = d.outbox.list("failed")
+    assert "550" in failed.history[-1]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"mail": {"admin_addresses": "admin@example.test"}}, "must be a list"),
+        ({"auth": {"senders": ["not-an-address"]}}, "is not an e-mail address"),
+        ({"mail": {"imap": {"port": "imaps"}}}, "is not a number"),
+        (
+            {"mail": {"imap": {"host": "imap.example.test", "security": "plain"}}},
+            "only for a server on loopback",
+        ),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_problems_not_tracebacks(tmp_path, section, problem):
+    from dispatcher.errors import ConfigError
+
+    base = {
+        "mail": {
+            "transport": "imap",
+            "from_address": "ops@example.test",
+            "admin_addresses": ["a@example.test"],
+            "imap": {"host": "127.0.0.1", "user": "u", "password_env": "X_UNSET"},
+            "smtp": {"host": "127.0.0.1"},
+        },
+        "auth": {"senders": ["a@example.test"], "tokens_file": str(tmp_path / "t.json")},
+    }
+    for key, value in section.items():
+        for sub, v in value.items():
+            if isinstance(v, dict):
+                base[key][sub] = {**base[key].get(sub, {}), **v}
+            else:
+                base[key][sub] = v
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(base, base=tmp_path)
+    assert any(problem in p for p in info.value.problems), info.value.problems

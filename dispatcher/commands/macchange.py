@@ -63,6 +63,3 @@ class MacChange(CommandSpec):
             "mac_new": p["mac_new"],
             "request_id": request_id,
         }
-
-    def limit(self, cmd):
-        return cmd.params["server"]
