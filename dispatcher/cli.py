@@ -60,6 +60,12 @@ def cmd_check(args) -> int:
         try:
             inv = inventory.load(inv_path)
             problems += [f"inventory: {p}" for p in inv.problems()]
+            if cfg is not None:  # a deployment: placeholders must have been replaced
+                problems += [
+                    f"inventory: {h.name}: ansible_host {h.vars['ansible_host']} is a placeholder"
+                    for h in inv.hosts.values()
+                    if h.enabled and str(h.vars.get("ansible_host", "")).endswith(".invalid")
+                ]
         except ConfigError as exc:
             problems += [f"inventory: {p}" for p in exc.problems]
         except Exception as exc:  # ansible's own parse errors

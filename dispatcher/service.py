@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
 OUTBOX_MAX_DELAY = 600
+MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 
 
 class Dispatcher:
@@ -133,14 +134,36 @@ class Dispatcher:
                     outcome = self._intake(msg)
                 except Exception:
                     # Left unseen: the next pass tries again; the other messages go on.
-                    log.exception("could not handle message %s; it stays in the mailbox", msg.key[:12])
                     counts["failed"] += 1
-                    continue
+                    if self._count_failure(msg) < MAX_INTAKE_FAILURES:
+                        log.exception("could not handle message %s; it stays unseen", msg.key[:12])
+                        continue
+                    log.exception(
+                        "giving up on message %s after %d failed passes: flagged seen, left in the "
+                        "mailbox for a person (Message-ID %s)",
+                        msg.key[:12],
+                        MAX_INTAKE_FAILURES,
+                        msg.message_id or "none",
+                    )
+                    outcome = "ignored"
                 counts[outcome] += 1
                 _crash_point("intake-before-ack")
-                inbox.ack(msg.uid)
+                try:
+                    inbox.ack(msg.uid)
+                except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
+                    log.exception("could not flag or move message %s", msg.key[:12])
         self.flush_outbox()
         return counts
+
+    def _count_failure(self, msg: Incoming) -> int:
+        """How many passes failed on this message (kept beside its seen marker)."""
+        path = self.cfg.seen_dir / f"{msg.key}.failures"
+        try:
+            n = int(path.read_text()) + 1
+        except (FileNotFoundError, ValueError):
+            n = 1
+        path.write_text(str(n))
+        return n
 
     def _marker(self, msg: Incoming) -> Path:
         return self.cfg.seen_dir / msg.key

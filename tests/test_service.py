@@ -99,6 +99,23 @@ def test_a_message_that_cannot_be_handled_stays_unseen_and_the_others_go_on(make
     assert d.poll_once()["replied"] == 1, "fixed: handled on the next pass"
 
 
+def test_a_message_that_always_fails_is_set_aside_after_a_few_passes(make):
+    from dispatcher.service import MAX_INTAKE_FAILURES
+
+    d = make()
+    drop(d, f"[{make.token}] HELP", "<always@x>")
+
+    def render(kind, **values):  # fault injection: HELP can never be rendered
+        raise RuntimeError("template broken")
+
+    d.replies.render = render
+    for _ in range(MAX_INTAKE_FAILURES - 1):
+        assert d.poll_once()["failed"] == 1
+    assert d._inbox_factory().fetch(), "still unseen, still retried"
+    d.poll_once()
+    assert d._inbox_factory().fetch() == [], "set aside (flagged) after the last try"
+
+
 def test_a_job_for_a_command_this_version_does_not_know_is_answered_not_looped(make):
     d = make()
     job = d.jobs.put(
@@ -276,3 +293,24 @@ def test_config_values_of_the_wrong_type_are_problems_not_tracebacks(tmp_path, s
     with pytest.raises(ConfigError) as info:
         config.from_dict(base, base=tmp_path)
     assert any(problem in p for p in info.value.problems), info.value.problems
+
+
+def test_check_with_a_deployment_config_flags_placeholder_addresses(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "athome.yml"
+    cfg.write_text(
+        "inventory: inventory/production\n"
+        "mail:\n  transport: maildir\n  from_address: ops@example.test\n  admin_addresses: [a@example.test]\n"
+        f"  maildir: {{inbox: {tmp_path}/in, outbox: {tmp_path}/out}}\n"
+        f"auth: {{senders: [a@example.test], tokens_file: {tmp_path}/t.json}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "gv1p: ansible_host gv1p.athome.invalid is a placeholder" in proc.stdout
+    assert "voip3" not in proc.stdout, "a disabled host is not checked"
