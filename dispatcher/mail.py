@@ -188,12 +188,18 @@ class IMAPInbox:
 # ---------------------------------------------------------------- Maildir
 
 
+def open_maildir(path: str | Path) -> mailbox.Maildir:
+    """A Maildir, created if needed; safe when two processes create it at once."""
+    for sub in ("tmp", "new", "cur"):
+        Path(path, sub).mkdir(parents=True, exist_ok=True)
+    return mailbox.Maildir(str(path), create=False)
+
+
 class MaildirInbox:
     """A local Maildir as the mailbox (embedded default): unseen = no 'S' flag."""
 
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.box = mailbox.Maildir(str(path), create=True)
+        self.box = open_maildir(path)
 
     def __enter__(self) -> MaildirInbox:
         return self
@@ -227,11 +233,10 @@ class MaildirSender:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        mailbox.Maildir(str(path), create=True)
+        open_maildir(path)
 
     def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None:
-        box = mailbox.Maildir(str(self.path), create=True)
+        box = open_maildir(self.path)
         key = box.add(raw)
         log.info("delivered reply to %s into %s (%s)", ", ".join(recipients), self.path, key)
 

@@ -6,6 +6,7 @@ loopback; the dispatcher runs as the `athome` command line, as in production.
 
 from __future__ import annotations
 
+import base64
 import email
 import json
 import os
@@ -23,15 +24,31 @@ from tests import servers
 
 USER = "service@example.test"
 IMAP_PASSWORD = "imap-test-password"
+SMTP_PASSWORD = "smtp-test-password-e2e"
 REQUESTER = "ana@example.test"
 ADMIN = "admin@example.test"
 HOSTS = ("gv1p", "gv2p", "gv3p")
 
 
+@pytest.fixture(scope="module")
+def smtp_submission(dovecot):
+    """A submission server like production's: STARTTLS required, then AUTH."""
+    sink = servers.SMTPSink(cert=dovecot.cert, key=dovecot.key, login=USER, password=SMTP_PASSWORD).start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def smtp(smtp_submission):
+    smtp_submission.messages.clear()
+    smtp_submission.down = smtp_submission.reject = False
+    return smtp_submission
+
+
 def athome(
     cfg: Path, *args: str, crash_at: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD)
+    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     env.pop("ATHOME_CRASH_AT", None)
     if crash_at:
@@ -94,7 +111,14 @@ def site(workdir, sshd, dovecot, smtp, fail2ban_factory):
                         "user": USER,
                         "password_env": "ATHOME_TEST_IMAP_PW",
                     },
-                    "smtp": {"host": "127.0.0.1", "port": smtp.port, "security": "plain"},
+                    "smtp": {
+                        "host": "127.0.0.1",
+                        "port": smtp.port,
+                        "security": "starttls",
+                        "user": USER,
+                        "password_env": "ATHOME_TEST_SMTP_PW",
+                        "cafile": str(dovecot.cert),
+                    },
                 },
                 "auth": {"senders": [REQUESTER], "tokens_file": str(tokens.path)},
                 "worker": {"retry_backoff": [0], "poll_interval": 1},
@@ -117,10 +141,12 @@ def body(msg) -> str:
 
 
 def assert_no_secret(site, smtp, *extra: str) -> None:
-    secrets = [site["token"], site["token"].lower(), IMAP_PASSWORD, *extra]
+    secrets = [site["token"], site["token"].lower(), IMAP_PASSWORD, SMTP_PASSWORD, *extra]
     for path in Path(site["state"]).rglob("*"):
         if path.is_file():
             data = path.read_bytes()
+            if path.suffix == ".json" and "outbox" in path.parts:  # stored replies are base64 MIME
+                data += base64.b64decode(json.loads(data)["payload"]["raw"])
             for s in secrets:
                 assert s.encode() not in data, f"{s!r} leaked into {path}"
     log = (site["cfg"].parent / "cli.log").read_text()

@@ -1,0 +1,104 @@
+"""The athome command line as ops use it: token and queue commands, and the service loop."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import signal
+import subprocess
+import sys
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def athome(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    path = tmp_path / "athome.yml"
+    path.write_text(
+        f"state_dir: {tmp_path}/state\n"
+        "inventory: inventory/demo\n"
+        "mail:\n  transport: maildir\n  from_address: ops@example.test\n  admin_addresses: [a@example.test]\n"
+        f"  maildir: {{inbox: {tmp_path}/in, outbox: {tmp_path}/out}}\n"
+        f"auth: {{senders: [ana@example.test], tokens_file: {tmp_path}/tokens.json}}\n"
+        "worker: {poll_interval: 0.5}\n"
+    )
+    return path
+
+
+def test_token_commands_print_the_token_once_and_store_only_its_hash(cfg, tmp_path):
+    out = athome("--config", str(cfg), "token", "add", "--description", "NOC", "--commands", "checkip").stdout
+    token = out.split(": ", 1)[1].split()[0]
+    assert len(token) == 8 and token not in (tmp_path / "tokens.json").read_text()
+    listing = athome("--config", str(cfg), "token", "list").stdout
+    assert "t1\tenabled\t-\tCHECKIP\tNOC" in listing and token not in listing
+    athome("--config", str(cfg), "token", "disable", "t1")
+    assert "t1\tdisabled" in athome("--config", str(cfg), "token", "list").stdout
+    bad = athome(
+        "--config", str(cfg), "token", "add", "--description", "x", "--commands", "REBOOT", check=False
+    )
+    assert bad.returncode == 1 and "unknown command" in bad.stderr
+
+
+def test_queue_commands_list_show_and_retry(cfg, tmp_path):
+    from dispatcher.jobqueue import DirQueue
+
+    q = DirQueue(tmp_path / "state" / "queue")
+    job = q.put({"command": "CHECKIP", "command_text": "CHECKIP=3.3.3.3", "requester": "ana@example.test"})
+    q.finish(q.claim(), success=False)
+    listing = athome("--config", str(cfg), "queue", "list").stdout
+    assert f"{job.id}\tfailed" in listing and "CHECKIP=3.3.3.3" in listing
+    shown = json.loads(athome("--config", str(cfg), "queue", "show", job.id).stdout)
+    assert shown["state"] == "failed" and shown["payload"]["requester"] == "ana@example.test"
+    athome("--config", str(cfg), "queue", "retry", job.id)
+    assert f"{job.id}\tpending" in athome("--config", str(cfg), "queue", "list", "--state", "pending").stdout
+    missing = athome("--config", str(cfg), "queue", "show", "nope", check=False)
+    assert missing.returncode == 1 and "no job nope" in missing.stderr
+
+
+def test_the_service_answers_while_running_and_stops_cleanly_on_sigterm(cfg, tmp_path):
+    token = (
+        athome("--config", str(cfg), "token", "add", "--description", "svc")
+        .stdout.split(": ", 1)[1]
+        .split()[0]
+    )
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "run"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        busy = athome("--config", str(cfg), "work", "--once", check=False)
+        assert busy.returncode == 1 and "already running" in busy.stderr, "one worker at a time"
+        msg = EmailMessage()
+        msg["From"], msg["Subject"], msg["Message-ID"] = "ana@example.test", f"[{token}] HELP", "<run@x>"
+        msg.set_content("x")
+        mailbox.Maildir(str(tmp_path / "in"), create=True).add(msg)
+        deadline = time.monotonic() + 30
+        out = tmp_path / "out" / "new"
+        while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+            time.sleep(0.2)
+        assert out.exists() and len(list(out.iterdir())) == 1, "the running service answered HELP"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "stopped" in output
