@@ -86,8 +86,8 @@ def bench_parse(n: int) -> None:
 
 
 def bench_intake(tmp: Path, n: int) -> None:
-    tokens = TokenStore(tmp / "it-tokens.json")
-    _, token = tokens.add("bench")
+    store = TokenStore(tmp / "it-tokens.json")
+    _, token = store.add("bench")
     cfg = config.from_dict(
         {
             "state_dir": str(tmp / "state"),
@@ -98,7 +98,7 @@ def bench_intake(tmp: Path, n: int) -> None:
                 "admin_addresses": ["admin@example.test"],
                 "maildir": {"inbox": str(tmp / "in"), "outbox": str(tmp / "out")},
             },
-            "auth": {"senders": ["ana@example.test"], "tokens_file": str(tokens.path)},
+            "auth": {"senders": ["ana@example.test"], "tokens_file": str(store.path)},
         },
         base=tmp,
     )

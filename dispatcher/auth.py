@@ -273,7 +273,7 @@ class Identity:
 
 
 def authenticate(
-    from_header: str, token: str | None, whitelist: SenderWhitelist, tokens: TokenStore
+    from_header: str, token: str | None, whitelist: SenderWhitelist, store: TokenStore
 ) -> Identity:
     """Both layers. AuthError reasons: 'sender' (not whitelisted / malformed), 'token'."""
     sender = sender_address(from_header)
@@ -281,16 +281,16 @@ def authenticate(
         raise AuthError("sender", "not on the whitelist")
     if not token:
         raise AuthError("token", "missing")
-    entry = tokens.match(token)
+    entry = store.match(token)
     if entry is None:
         raise AuthError("token", "invalid or disabled")
     return Identity(sender, entry.id, entry.description, entry.admin)
 
 
-def may_run(identity: Identity, tokens: TokenStore, command: str, admin_only: bool) -> bool:
+def may_run(identity: Identity, store: TokenStore, command: str, admin_only: bool) -> bool:
     if admin_only and not identity.admin:
         return False
-    entry = next((e for e in tokens.entries() if e.id == identity.token_id), None)
+    entry = next((e for e in store.entries() if e.id == identity.token_id), None)
     if entry is None:
         return False
     return entry.commands is None or command in entry.commands or command in ("HELP", "STATUS")

@@ -113,8 +113,8 @@ def _prepare(root: Path) -> tuple[Path, str, list]:
     s3 = _recordings(root)
     if s3 is not None:
         sandboxes.append(s3)
-    tokens = TokenStore(root / "tokens.json")
-    _, token = tokens.add("demo", admin=True)
+    store = TokenStore(root / "tokens.json")
+    _, token = store.add("demo", admin=True)
     cfg_path = root / "athome.yml"
     cfg_path.write_text(
         yaml.safe_dump(

@@ -61,7 +61,7 @@ class Dispatcher:
         cfg.seen_dir.mkdir(parents=True, exist_ok=True)
         self.inventory = InventoryWatcher(cfg.inventory)
         self.whitelist = SenderWhitelist(cfg.senders, cfg.senders_file)
-        self.tokens = TokenStore(cfg.tokens_file)
+        self.auth_store = TokenStore(cfg.tokens_file)
         self.replies = Replies(cfg.brand)
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
@@ -209,7 +209,7 @@ class Dispatcher:
             log.info("ignored message %s: a reply to our own mail without a token", msg.key[:12])
             return "ignored"
         try:
-            identity = authenticate(msg.from_header, token, self.whitelist, self.tokens)
+            identity = authenticate(msg.from_header, token, self.whitelist, self.auth_store)
         except AuthError as exc:
             if exc.reason == "sender":
                 log.warning("ignored message %s from a sender not allowed (%s)", msg.key[:12], exc.detail)
@@ -250,7 +250,7 @@ class Dispatcher:
             )
             return "replied"
         spec = commands.spec_for(cmd.name)
-        if not may_run(identity, self.tokens, cmd.name, spec.admin_only):
+        if not may_run(identity, self.auth_store, cmd.name, spec.admin_only):
             log.warning("denied %s %s to %s (token %s)", request_id, cmd.name, sender, identity.token_id)
             self._queue_reply(
                 f"{request_id}-reply",
