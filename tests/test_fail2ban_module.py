@@ -160,3 +160,14 @@ def test_module_utils_on_old_target_pythons(version):
     out = subprocess.run(argv, capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
     assert sys.version_info >= (3, 10)  # the controller side stays modern
+
+
+def test_only_the_newest_backups_of_the_managed_file_are_kept():
+    base = "athome-whitelist.local"
+    names = [
+        f"{base}.{pid}.2025-11-{day:02d}@10:00:00~" for pid, day in ((101, 3), (99, 1), (120, 5), (7, 2))
+    ] + [base, "other.local.5.2025-11-01@10:00:00~", f"{base}.bak"]
+    oldest_two = [f"{base}.99.2025-11-01@10:00:00~", f"{base}.7.2025-11-02@10:00:00~"]
+    assert f2b.backups_to_prune(names, base, 2) == oldest_two
+    assert f2b.backups_to_prune(names, base, 0) == []
+    assert f2b.backups_to_prune(names, base, 10) == []

@@ -68,6 +68,10 @@ options:
     description: Keep a timestamped copy of the managed file before each change.
     type: bool
     default: true
+  backup_keep:
+    description: Keep only the newest this many copies of the managed file (0 keeps them all).
+    type: int
+    default: 10
   validate:
     description: Run C(fail2ban-client -c conf_dir -t) after writing and roll back when it fails.
     type: bool
@@ -150,6 +154,11 @@ path:
   description: The managed file.
   returned: always
   type: str
+backups_pruned:
+  description: Older copies of the managed file removed (beyond I(backup_keep)).
+  returned: always
+  type: list
+  elements: str
 backup_file:
   description: The backup made before the change, if any.
   returned: changed and backup
@@ -163,6 +172,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.athome_fail2ban import (
     Client,
     Fail2banError,
+    backups_to_prune,
     base_ignoreip,
     is_single_address,
     parse_managed,
@@ -215,6 +225,7 @@ def main():
             jails=dict(type="list", elements="str", default=[]),
             path=dict(type="path"),
             backup=dict(type="bool", default=True),
+            backup_keep=dict(type="int", default=10),
             validate=dict(type="bool", default=True),
         ),
         required_if=[("state", "present", ["ip"]), ("state", "absent", ["ip"]), ("unban", True, ["ip"])],
@@ -229,7 +240,7 @@ def main():
     runtime_before = {}
     result = dict(
         changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[],
-        banned_in=[], unbanned=[], ban_method="",
+        banned_in=[], unbanned=[], ban_method="", backups_pruned=[],
     )
     try:
         jails = client.jails(p["jails"])
@@ -267,6 +278,10 @@ def main():
             if not module.check_mode:
                 if p["backup"] and before is not None:
                     result["backup_file"] = module.backup_local(path)
+                    folder, base = os.path.split(path)
+                    for old in backups_to_prune(os.listdir(folder), base, p["backup_keep"]):
+                        os.unlink(os.path.join(folder, old))
+                        result["backups_pruned"].append(os.path.join(folder, old))
                 write(module, path, after)
                 if p["validate"]:
                     check_config(module, p["client"], p["conf_dir"], path, before, result)

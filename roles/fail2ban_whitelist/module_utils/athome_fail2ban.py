@@ -245,3 +245,21 @@ class Client:
             pass
         result = [j for j in jails if ip in parse_status_banned(self.call("status", j))]
         return result, "status"
+
+
+# module.backup_local() names a copy <file>.<pid>.<YYYY-MM-DD@HH:MM:SS>~
+_BACKUP_SUFFIX = re.compile(r"^\.[0-9]+\.([0-9]{4}-[0-9]{2}-[0-9]{2}@[0-9]{2}:[0-9]{2}:[0-9]{2})~$")
+
+
+def backups_to_prune(names, base, keep):
+    """Backup names of file `base` beyond the newest `keep` (0 keeps all), oldest first."""
+    if keep <= 0:
+        return []
+    dated = []
+    for name in names:
+        if name.startswith(base):
+            match = _BACKUP_SUFFIX.match(name[len(base):])
+            if match:
+                dated.append((match.group(1), name))
+    dated.sort()
+    return [name for _stamp, name in dated[:-keep]] if len(dated) > keep else []
