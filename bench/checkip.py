@@ -5,7 +5,9 @@
 Each host is an inventory alias of ONE real sshd on loopback with its own real
 fail2ban-server (tests.servers); the address is banned in one jail of the first
 host before every run. Prints the median wall time per fleet size and the
-16/1 ratio against the goal (16 hosts in at most twice the time of 1 host).
+16/1 ratio against the goal (16 hosts in at most twice the time of 1 host),
+beside the same fan-out of playbooks/ping.yml: the floor any playbook pays per
+host here (ssh, a Python start on the target), all hosts sharing the same cores.
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ def measure(sshd: servers.SSHD, base, size: int, repeat: int) -> list[float]:
             f.stop()
 
 
+def measure_ping(sshd: servers.SSHD, base, size: int, repeat: int) -> list[float]:
+    inv = servers.write_inventory(
+        base / f"ping{size}.yml",
+        {"fail2ban_servers": {f"h{i:02d}": {} for i in range(size)}},
+        {**sshd.ansible_vars(), "ansible_python_interpreter": servers.target_python()},
+    )
+    times = []
+    for _ in range(repeat):
+        started = time.monotonic()
+        res = run_playbook("ping.yml", inventory=inv, extravars={"athome_targets": "fail2ban_servers"})
+        times.append(time.monotonic() - started)
+        if not res.succeeded:
+            raise SystemExit(f"ping.yml failed on {size} hosts: {res.to_dict()}")
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per fleet size (median kept)")
@@ -66,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = medians[SIZES[-1]] / medians[1]
         verdict = "meets" if ratio <= GOAL_RATIO else "MISSES"
         print(f"  ratio 16/1: {ratio:.2f}x  -> {verdict} the goal (<= {GOAL_RATIO:.0f}x)")
+        print(f"baseline: ping.yml, the same fan-out doing nothing, median of {args.repeat} runs")
+        floor = {}
+        for size in SIZES:
+            floor[size] = statistics.median(measure_ping(sshd, base, size, args.repeat))
+            print(f"  {size:2d} host(s): {floor[size]:6.2f} s")
+        floor_ratio = floor[SIZES[-1]] / floor[1]
+        print(f"  ratio 16/1: {floor_ratio:.2f}x  (the floor on this machine: every target shares its cores)")
         return 0
     finally:
         sshd.stop()
