@@ -359,6 +359,9 @@ class Dispatcher:
                 log.warning("reply %s not sent (%s); next try in %ss", item.id, exc, delay)
                 self.outbox.retry_later(item, delay, str(exc))
                 return sent
+            # Keep who got what and when, not the message itself (links, addresses).
+            item.payload["bytes"] = len(raw)
+            item.payload["raw"] = ""
             self.outbox.finish(item)
             sent += 1
             log.info(
