@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
 OUTBOX_MAX_DELAY = 600
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
+MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
 
 
 class Dispatcher:
@@ -155,6 +157,21 @@ class Dispatcher:
         self.flush_outbox()
         return counts
 
+    def _alert_allowed(self, sender: str) -> bool:
+        """At most MAX_TOKEN_ALERTS_PER_HOUR bad-token alerts per sender (a file of timestamps)."""
+        folder = self.cfg.state_dir / "alerts"
+        folder.mkdir(exist_ok=True)
+        path = folder / hashlib.sha256(sender.encode()).hexdigest()[:32]
+        now = time.time()
+        try:
+            recent = [t for t in json.loads(path.read_text()) if now - t < 3600]
+        except (FileNotFoundError, ValueError, TypeError):
+            recent = []
+        if len(recent) >= MAX_TOKEN_ALERTS_PER_HOUR:
+            return False
+        path.write_text(json.dumps([*recent, now]))
+        return True
+
     def _count_failure(self, msg: Incoming) -> int:
         """How many passes failed on this message (kept beside its seen marker)."""
         path = self.cfg.seen_dir / f"{msg.key}.failures"
@@ -217,6 +234,10 @@ class Dispatcher:
                 return "ignored"
             sender = sender_address(msg.from_header)
             log.warning("rejected %s from %s: token %s", request_id, sender, exc.detail)
+            if not self._alert_allowed(sender):
+                # Guessing tokens, or a loop: the admins already have the last ones.
+                log.error("token alerts for %s over %d/hour: not mailed", sender, MAX_TOKEN_ALERTS_PER_HOUR)
+                return "ignored"
             self._queue_reply(
                 f"{request_id}-reply",
                 "token_invalid",

@@ -314,3 +314,14 @@ def test_check_with_a_deployment_config_flags_placeholder_addresses(tmp_path):
     assert proc.returncode == 1
     assert "gv1p: ansible_host gv1p.athome.invalid is a placeholder" in proc.stdout
     assert "voip3" not in proc.stdout, "a disabled host is not checked"
+
+
+def test_bad_token_alerts_are_capped_per_sender_and_hour(make):
+    from dispatcher.service import MAX_TOKEN_ALERTS_PER_HOUR
+
+    d = make()
+    for i in range(MAX_TOKEN_ALERTS_PER_HOUR + 3):
+        drop(d, f"[{i:08X}] CHECKIP=3.3.3.3", f"<guess{i}@x>")
+    counts = d.poll_once()
+    assert counts["replied"] == MAX_TOKEN_ALERTS_PER_HOUR and counts["ignored"] == 3
+    assert len(d.outbox.list("done")) == MAX_TOKEN_ALERTS_PER_HOUR
