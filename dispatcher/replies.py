@@ -41,6 +41,14 @@ def br_datetime(value: str) -> str:
         return str(value)
 
 
+def br_utc(value: str) -> str:
+    """'2025-11-29T20:31:36Z' -> '29/11/2025 20:31 UTC'."""
+    try:
+        return datetime.strptime(str(value)[:16], "%Y-%m-%dT%H:%M").strftime("%d/%m/%Y %H:%M UTC")
+    except ValueError:
+        return str(value)
+
+
 @dataclass(frozen=True)
 class Rendered:
     subject: str
@@ -61,6 +69,7 @@ class Replies:
         self.html_env = Environment(autoescape=True, **common)
         for env in (self.text_env, self.html_env):
             env.filters["br_datetime"] = br_datetime
+            env.filters["br_utc"] = br_utc
             env.globals.update(
                 brand=brand, marks=MARKS, host_marks=HOST_MARKS, status_pt=STATUS_PT, state_pt=STATE_PT
             )
