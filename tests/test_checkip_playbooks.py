@@ -19,7 +19,7 @@ from tests import servers
 pytestmark = pytest.mark.integration
 
 IP = "3.3.3.3"
-MANAGED = "jail.d/athome-whitelist.local"
+MANAGED = "jail.d/zz-athome-whitelist.local"
 
 
 def host_vars(f2b: servers.Fail2ban, **extra) -> dict:
@@ -275,3 +275,39 @@ def test_local_connection_hosts_disabled_and_failing(fail2ban_factory, workdir):
             assert "2001:db8::7" in f2b.ignore_list(jail), (f2b.dir, jail)
     assert bare.ignore_list("sshd") == ["2001:db8::7"]
     assert os.path.exists(ok.dir / MANAGED)
+
+
+def test_real_world_configs_broken_elsewhere_stopped_jails_accents_and_later_overrides(
+    sshd, fail2ban_factory, workdir
+):
+    """Configs as found on real servers, on an old target Python under LANG=C:
+    - a jail.local with accented comments (Python 3.6 would choke on it as ASCII);
+    - a config that already fails `fail2ban-client -t` for a reason of its own
+      (an extra jail whose log file is missing): the address is still whitelisted and
+      unbanned, the file written unvalidated, with a warning;
+    - a jail section of the managed file whose jail is not running now: kept;
+    - a jail.d file read after ours that sets ignoreip: reported."""
+    f2b = fail2ban_factory("gv1p")
+    jail_local = f2b.dir / "jail.local"
+    accents = "# Configuração do servidor: não mexer\n"
+    jail_local.write_text(accents + jail_local.read_text(), encoding="utf-8")
+    f2b.client("reload")
+    f2b.ban("asterisk", IP)
+    (f2b.dir / MANAGED).write_text("[recidive]\nignoreip = %(known/ignoreip)s 9.9.9.9\n")
+    (f2b.dir / "jail.d" / "zzz-later.local").write_text("[sshd]\nignoreip = 127.0.0.1/8 10.0.0.1\n")
+    # Broken for a reason of its own, after the server started: a jail whose log is missing.
+    with jail_local.open("a", encoding="utf-8") as fh:
+        fh.write("\n[ghost]\nenabled = true\nfilter = proto\nlogpath = /nonexistent/ghost.log\n")
+    assert f2b.client("-t", check=False).returncode != 0
+    inv = servers.write_inventory(
+        workdir / "inv.yml",
+        {"fail2ban_servers": {"gv1p": host_vars(f2b)}},
+        # The target's module runs under the C locale, as on a server with none configured.
+        {**sshd.ansible_vars(), "ansible_python_interpreter": f"env LC_ALL=C {servers.pyenv_python('3.6')}"},
+    )
+    run = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert run.hosts["gv1p"].status == "changed", run.to_dict()
+    assert f2b.banned_jails(IP) == []
+    assert all(IP in f2b.ignore_list(j) for j in f2b.JAILS)
+    managed = (f2b.dir / MANAGED).read_text()
+    assert "[recidive]" in managed and "9.9.9.9" in managed and IP in managed

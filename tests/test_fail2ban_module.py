@@ -82,7 +82,7 @@ def test_scan_ignoreip_follows_read_order_sections_and_continuations():
 def test_base_ignoreip_excludes_the_managed_file(tmp_path):
     (tmp_path / "jail.d").mkdir()
     (tmp_path / "jail.conf").write_text("[DEFAULT]\n#ignoreip = 127.0.0.1/8\n")
-    managed = tmp_path / "jail.d" / "athome-whitelist.local"
+    managed = tmp_path / "jail.d" / "zz-athome-whitelist.local"
     managed.write_text("[sshd]\nignoreip = %(known/ignoreip)s 3.3.3.3\n")
     assert f2b.base_ignoreip(str(tmp_path), ["sshd"], exclude=str(managed)) == {"sshd": None}
     (tmp_path / "jail.local").write_text("[DEFAULT]\nignoreip = ::1\n[sshd]\nignoreip = 10.1.1.1\n")

@@ -62,7 +62,7 @@ options:
     elements: str
     default: []
   path:
-    description: The managed file; defaults to C(conf_dir/jail.d/athome-whitelist.local).
+    description: The managed file; defaults to C(conf_dir/jail.d/zz-athome-whitelist.local) (read last).
     type: path
   backup:
     description: Keep a timestamped copy of the managed file before each change.
@@ -175,16 +175,16 @@ from ansible.module_utils.athome_fail2ban import (
     backups_to_prune,
     base_ignoreip,
     is_single_address,
+    later_overrides,
+    managed_jails,
     parse_managed,
+    read_text,
     render_managed,
 )
 
 
 def read(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return f.read()
+    return read_text(path)
 
 
 def show_runtime(runtime):
@@ -193,22 +193,31 @@ def show_runtime(runtime):
 
 def write(module, path, content):
     fd, tmp = tempfile.mkstemp(dir=module.tmpdir)
-    with os.fdopen(fd, "w") as f:
-        f.write(content)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content.encode("utf-8"))
     module.atomic_move(tmp, path)
 
 
-def check_config(module, client, conf_dir, path, before, result):
-    """`fail2ban-client -t` on the new config; on failure restore the old file and fail."""
+def config_ok(module, client, conf_dir):
     rc, out, err = module.run_command([client, "-c", conf_dir, "-t"])
-    if rc == 0:
+    return rc == 0, (err or out).strip()[-500:]
+
+
+def check_config(module, client, conf_dir, path, before, result):
+    """`fail2ban-client -t` on the new config; on failure restore the old file and fail.
+
+    Called only when the config passed the same test before the write, so a
+    problem elsewhere (a jail whose log file is missing) is not blamed on us."""
+    ok, message = config_ok(module, client, conf_dir)
+    if ok:
         return
     if before is None:
         os.unlink(path)
     else:
         write(module, path, before)
     module.fail_json(
-        msg="fail2ban rejected the new config, previous content restored: %s" % (err or out).strip()[-500:],
+        msg="fail2ban rejected the new whitelist file, previous content restored (the address is "
+        "whitelisted until the next reload): %s" % message,
         **result
     )
 
@@ -235,7 +244,7 @@ def main():
     ip, state = p["ip"], p["state"]
     if (state != "list" or p["unban"]) and not is_single_address(ip):
         module.fail_json(msg="not a single IPv4/IPv6 address: %r" % (ip,))
-    path = p["path"] or os.path.join(p["conf_dir"], "jail.d", "athome-whitelist.local")
+    path = p["path"] or os.path.join(p["conf_dir"], "jail.d", "zz-athome-whitelist.local")
     client = Client(module, p["client"], p["conf_dir"], p["socket"])
     runtime_before = {}
     result = dict(
@@ -246,20 +255,18 @@ def main():
         jails = client.jails(p["jails"])
         if p["unban"]:
             result["banned_in"], result["ban_method"] = client.banned_in(ip, jails)
-            for jail in result["banned_in"]:
-                if not module.check_mode:
-                    client.call("set", jail, "unbanip", ip)
-                result["unbanned"].append(jail)
         runtime = dict((j, client.ignoreip(j)) for j in jails)
         runtime_before = dict(runtime)
-        base = base_ignoreip(p["conf_dir"], jails, exclude=path)
         before = read(path)
+        # Sections already in the file stay, even for a jail that is not running now.
+        file_jails = sorted(set(jails) | set(managed_jails(before)))
+        base = base_ignoreip(p["conf_dir"], file_jails, exclude=path)
         managed = parse_managed(before or "")
         wanted = list(managed)
         changes = []  # (jail, client command) for the runtime
         if state == "present":
             changes = [(j, "addignoreip") for j in jails if ip not in runtime[j]]
-            in_base_everywhere = all(ip in (base[j] or []) for j in jails)
+            in_base_everywhere = all(ip in (base[j] or []) for j in file_jails)
             if ip not in wanted and not in_base_everywhere:
                 wanted.append(ip)
         elif state == "absent":
@@ -268,23 +275,8 @@ def main():
             changes = [
                 (j, "delignoreip") for j in jails if ip in runtime[j] and j not in result["kept_by_config"]
             ]
-        after = before
-        if state != "list" and (before is not None or wanted):
-            after = render_managed(wanted, jails, base)
-            managed = wanted
-        # The file first: a config fail2ban rejects is rolled back before the runtime is touched.
-        if after != before:
-            result["file_changed"] = True
-            if not module.check_mode:
-                if p["backup"] and before is not None:
-                    result["backup_file"] = module.backup_local(path)
-                    folder, base = os.path.split(path)
-                    for old in backups_to_prune(os.listdir(folder), base, p["backup_keep"]):
-                        os.unlink(os.path.join(folder, old))
-                        result["backups_pruned"].append(os.path.join(folder, old))
-                write(module, path, after)
-                if p["validate"]:
-                    check_config(module, p["client"], p["conf_dir"], path, before, result)
+        # 1. The runtime whitelist first, so the address cannot be banned again
+        #    between its unban and its whitelisting.
         for jail, command in changes:
             result["runtime_changed"].append(jail)
             if not module.check_mode:
@@ -293,6 +285,38 @@ def main():
                 runtime[jail] = runtime[jail] + [ip]
             else:
                 runtime[jail] = [a for a in runtime[jail] if a != ip]
+        # 2. Then the unban.
+        for jail in result["banned_in"]:
+            if not module.check_mode:
+                client.call("set", jail, "unbanip", ip)
+            result["unbanned"].append(jail)
+        # 3. Then the persistent file, validated when the config was valid before.
+        after = before
+        if state != "list" and (before is not None or wanted):
+            after = render_managed(wanted, file_jails, base)
+            managed = wanted
+        if after != before:
+            result["file_changed"] = True
+            if not module.check_mode:
+                baseline_ok, baseline_msg = (True, "")
+                if p["validate"]:
+                    baseline_ok, baseline_msg = config_ok(module, p["client"], p["conf_dir"])
+                    if not baseline_ok:
+                        module.warn("fail2ban's config fails its own test before this change (%s); "
+                                    "the whitelist file is written unvalidated" % baseline_msg)
+                if p["backup"] and before is not None:
+                    result["backup_file"] = module.backup_local(path)
+                    folder, filename = os.path.split(path)
+                    for old in backups_to_prune(os.listdir(folder), filename, p["backup_keep"]):
+                        os.unlink(os.path.join(folder, old))
+                        result["backups_pruned"].append(os.path.join(folder, old))
+                write(module, path, after)
+                if p["validate"] and baseline_ok:
+                    check_config(module, p["client"], p["conf_dir"], path, before, result)
+        overriding = later_overrides(p["conf_dir"], path, file_jails) if state != "list" else []
+        if overriding:
+            module.warn("these files are read after %s and set ignoreip, overriding the managed "
+                        "whitelist on the next reload: %s" % (path, ", ".join(overriding)))
     except Fail2banError as e:
         module.fail_json(msg=str(e), **result)
 

@@ -17,6 +17,7 @@ __metaclass__ = type
 
 import ast
 import glob
+import io
 import os
 import re
 import socket
@@ -152,10 +153,7 @@ def base_ignoreip(conf_dir, jails, exclude=None):
     None means no ignoreip is set for that jail anywhere (fail2ban then ignores
     nothing but itself, and %(known/ignoreip)s cannot be used).
     """
-    texts = []
-    for path in config_files(conf_dir, exclude):
-        with open(path) as f:
-            texts.append(f.read())
+    texts = [read_text(path) for path in config_files(conf_dir, exclude)]
     found = scan_ignoreip(texts)
     result = {}
     for jail in jails:
@@ -166,6 +164,36 @@ def base_ignoreip(conf_dir, jails, exclude=None):
         else:
             result[jail] = None
     return result
+
+
+def read_text(path):
+    """A config file as text whatever the target's locale (Python 3.6 under LANG=C would
+    otherwise fail on an accented comment); None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    with io.open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def later_overrides(conf_dir, path, jails):
+    """Config files read after the managed one that set ignoreip for one of these jails
+    (or DEFAULT): they would override the managed whitelist on the next reload."""
+    files = config_files(conf_dir)
+    real = os.path.realpath(path)
+    names = [os.path.realpath(f) for f in files]
+    if real not in names:
+        return []
+    found = []
+    for f in files[names.index(real) + 1:]:
+        sections = scan_ignoreip([read_text(f) or ""])
+        if any(j in sections for j in jails):
+            found.append(f)
+    return found
+
+
+def managed_jails(text):
+    """The jail sections of the managed file (kept even while a jail is not running)."""
+    return [m.group(1).strip() for m in re.finditer(r"^\[([^\]]+)\]\s*$", text or "", re.M)]
 
 
 def parse_managed(text):
