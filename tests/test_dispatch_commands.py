@@ -172,6 +172,7 @@ def test_ramais_by_email_sends_the_link_and_the_counts_per_extension(ramais_site
     assert "http://127.0.0.1:9/recordings/" in text and ".zip" in text
     zips = list((site.workdir / "www").glob("*.zip"))
     assert len(zips) == 1
+    assert (site.workdir / "www" / "index.html").read_text() == "", "the folder cannot be listed"
 
 
 def test_ramais_with_nothing_in_the_window_says_so_and_echoes_the_criteria(ramais_site):

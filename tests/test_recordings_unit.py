@@ -349,3 +349,15 @@ def test_helpers_run_unchanged_on_old_target_pythons(trees, tmp_path, version, l
         assert zf.testzip() is None
         assert [zf.read(n) for n in zf.namelist()] == [c.body() for c in want]
     assert b"PK\x06\x06" in dest.read_bytes()
+
+
+def test_a_symlink_named_like_a_recording_is_never_followed(tmp_path):
+    day = tmp_path / "tree" / "2025" / "11" / "04"
+    day.mkdir(parents=True)
+    secret = tmp_path / "shadow"
+    secret.write_text("root:secret-hash")
+    real = day / "in-1121-5511999990000-20251104-120000-1730721600.1.wav"
+    real.write_bytes(b"RIFF")
+    (day / "in-1121-5511999990000-20251104-120500-1730721900.2.wav").symlink_to(secret)
+    sel = H.select_local(str(tmp_path / "tree"), matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59"))
+    assert [i["path"] for i in sel.items] == ["2025/11/04/" + real.name]

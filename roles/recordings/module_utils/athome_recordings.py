@@ -311,7 +311,7 @@ def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT):
                 continue
             full = os.path.join(folder, name)
             try:
-                st = os.stat(full)
+                st = os.lstat(full)  # a symlink is never followed: the tree is web-served
             except OSError:
                 continue  # removed while we looked
             if not stat.S_ISREG(st.st_mode):
