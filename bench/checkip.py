@@ -75,15 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     sshd = servers.SSHD(keys).start()
     try:
         medians = {}
-        print(f"unban.yml wall time, median of {args.repeat} runs (first run does the whitelisting)")
+        firsts = {}
+        print("unban.yml wall time: the first run (writes the whitelist file, validates it with")
+        print(f"fail2ban-client -t on every host) and the median of {args.repeat} runs")
         for size in SIZES:
             times = measure(sshd, base, size, args.repeat)
-            medians[size] = statistics.median(times)
+            firsts[size], medians[size] = times[0], statistics.median(times)
             runs = ", ".join(f"{t:.2f}" for t in times)
-            print(f"  {size:2d} host(s): {medians[size]:6.2f} s   (runs: {runs})")
-        ratio = medians[SIZES[-1]] / medians[1]
-        verdict = "meets" if ratio <= GOAL_RATIO else "MISSES"
-        print(f"  ratio 16/1: {ratio:.2f}x  -> {verdict} the goal (<= {GOAL_RATIO:.0f}x)")
+            first, median = firsts[size], medians[size]
+            print(f"  {size:2d} host(s): first {first:6.2f} s, median {median:6.2f} s   (runs: {runs})")
+        for label, figures in (("first run", firsts), ("median", medians)):
+            ratio = figures[SIZES[-1]] / figures[1]
+            verdict = "meets" if ratio <= GOAL_RATIO else "MISSES"
+            print(f"  ratio 16/1 ({label}): {ratio:.2f}x  -> {verdict} the goal (<= {GOAL_RATIO:.0f}x)")
         print(f"baseline: ping.yml, the same fan-out doing nothing, median of {args.repeat} runs")
         floor = {}
         for size in SIZES:
