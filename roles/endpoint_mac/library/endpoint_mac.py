@@ -455,11 +455,12 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_atomically(path, data):
+def write_atomically(path, data, prepare=None):
     """Write bytes to a temp file next to `path`, keep owner and mode, rename it over.
 
     Like AnsibleModule.atomic_move, but raising instead of calling fail_json, so that
     the caller can still put the first file back when the second one fails.
+    `prepare(tmp, path)` runs before the rename (the SELinux context, for one).
     """
     info = os.stat(path)
     directory = os.path.dirname(path)
@@ -475,6 +476,8 @@ def write_atomically(path, data):
         except OSError as exc:
             if exc.errno != errno.EPERM or os.geteuid() == 0:
                 raise
+        if prepare is not None:
+            prepare(tmp, path)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -609,19 +612,34 @@ def main():
         for key, backup in zip(keys, result["backups"]):
             result[key]["backup"] = backup
 
+    # Someone else (the PBX GUI, a hand-run playbook) may have written a file since we
+    # read it: never overwrite their change with a plan made on the old content.
+    for key in keys:
+        try:
+            unchanged = read_text(paths[key]) == texts[key]
+        except (IOError, OSError):
+            unchanged = False
+        if not unchanged:
+            module.fail_json(msg="%s changed while this change was being prepared. Nothing was "
+                             "written; run the command again." % FILE_RULES[key]["label"], **result)
+
+    def keep_context(tmp, path):
+        if module.selinux_enabled():
+            module.set_context_if_different(tmp, module.selinux_context(path), False)
+
     new_bytes = dict((k, plan["files"][k]["text"].encode("latin-1")) for k in keys)
     first, second = keys
     try:
-        write_atomically(paths[first], new_bytes[first])
+        write_atomically(paths[first], new_bytes[first], keep_context)
     except (IOError, OSError) as exc:
         module.fail_json(msg="cannot write %s (%s): %s. Nothing was written."
                          % (FILE_RULES[first]["label"], paths[first], exc), **result)
     try:
-        write_atomically(paths[second], new_bytes[second])
+        write_atomically(paths[second], new_bytes[second], keep_context)
     except (IOError, OSError) as exc:
         failure = "cannot write %s (%s): %s" % (FILE_RULES[second]["label"], paths[second], exc)
         try:
-            write_atomically(paths[first], texts[first].encode("latin-1"))
+            write_atomically(paths[first], texts[first].encode("latin-1"), keep_context)
         except (IOError, OSError) as exc2:
             module.fail_json(
                 msg="%s; restoring %s failed too (%s): the files DISAGREE, restore it from %s"
