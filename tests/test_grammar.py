@@ -248,3 +248,17 @@ def test_the_token_is_masked_wherever_it_appears(subject):
     assert token == "A1B2C3D4"
     masked = grammar.mask_token(subject, token)
     assert "A1B2C3D4" not in masked.upper()
+
+
+def test_ramais_extravars_carry_the_arrival_time_for_the_legacy_queue():
+    import time
+
+    from dispatcher.commands.ramais import received_at
+
+    subject = "[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
+    _t, cmd = parse_subject(subject)
+    ev = commands.spec_for("RAMAIS").extravars(cmd, "20251111_180122_482913_a1", "ana@example.test")
+    assert ev["received"] == received_at("20251111_180122_482913_a1")
+    offset = time.localtime(1762884082).tm_gmtoff  # 2025-11-11 18:01:22 UTC
+    assert ev["received"] == time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(1762884082 + offset))
+    assert ev["extensions"] == ["1121"] and ev["requester"] == "ana@example.test"

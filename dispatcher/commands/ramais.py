@@ -7,10 +7,21 @@ Reply: templates/ramais.*.j2.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from dispatcher import grammar
 from dispatcher.commands.base import Command, CommandSpec
 
 SIP_GROUP = "sip_servers"
+
+
+def received_at(request_id: str) -> str:
+    """When the request arrived, in the controller's local time (request ids carry UTC)."""
+    try:
+        when = datetime.strptime(request_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return ""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 ISO = "%Y-%m-%d %H:%M"
 
 
@@ -67,4 +78,5 @@ class Ramais(CommandSpec):
             "end": p["end"],
             "request_id": request_id,
             "requester": requester,
+            "received": received_at(request_id),
         }
