@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
 OUTBOX_MAX_DELAY = 600
+OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before it is re-sent
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
 
@@ -101,8 +102,12 @@ class Dispatcher:
 
     def recover(self) -> list[str]:
         """Settle what a crash left behind; only the holder of the work lock may."""
-        # A reply being sent by the intake process right now is younger than this.
-        return self.jobs.recover() + self.outbox.recover(min_age=900)
+        return self.jobs.recover() + self._recover_outbox()
+
+    def _recover_outbox(self) -> list[str]:
+        # A reply being sent by another process right now is younger than this;
+        # one older was claimed by a process that died. Run at start and every work pass.
+        return self.outbox.recover(min_age=OUTBOX_STALE_AFTER)
 
     def prune(self) -> dict[str, int]:
         """Drop what is older than worker.retention_days: finished jobs, sent replies, seen markers."""
@@ -127,8 +132,7 @@ class Dispatcher:
 
     def poll_once(self) -> dict[str, int]:
         """One intake pass over the unseen messages; then send what is due."""
-        counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0}
-        counts["failed"] = 0
+        counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0, "failed": 0}
         with self._inbox_factory() as inbox:
             for msg in inbox.fetch():
                 counts["fetched"] += 1
@@ -407,6 +411,7 @@ class Dispatcher:
                 log.exception("%s: the worker failed around the playbook", job.id)
                 self._give_back(job, f"{type(exc).__name__}: {exc}")
             done += 1
+        self._recover_outbox()
         self.flush_outbox(stop)
         self.prune()
         return done

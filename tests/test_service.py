@@ -325,3 +325,23 @@ def test_bad_token_alerts_are_capped_per_sender_and_hour(make):
     counts = d.poll_once()
     assert counts["replied"] == MAX_TOKEN_ALERTS_PER_HOUR and counts["ignored"] == 3
     assert len(d.outbox.list("done")) == MAX_TOKEN_ALERTS_PER_HOUR
+
+
+def test_a_reply_left_in_processing_by_a_dead_sender_is_sent_by_a_later_work_pass(make):
+    from dispatcher.service import OUTBOX_STALE_AFTER
+
+    d = make()
+    drop(d, f"[{make.token}] HELP", "<stale@x>")
+    d._sender, real = None, d._sender
+    d.flush_outbox = lambda stop=None: 0  # intake queues the reply but does not send it
+    d.poll_once()
+    del d.flush_outbox
+    d._sender = real
+    item = d.outbox.claim()  # a sender claims it and dies before sending
+    assert item is not None and d.outbox.count("processing") == 1
+    d.work_once()
+    assert d.outbox.count("processing") == 1, "too young to be taken for dead"
+    path = d.outbox.root / "processing" / f"{item.id}.json"
+    os.utime(path, (time.time() - OUTBOX_STALE_AFTER - 5,) * 2)
+    d.work_once()
+    assert [r.id for r in d.outbox.list("done")] == [item.id]
