@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mailbox
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+
+from dispatcher.mail import open_maildir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,17 +87,18 @@ def test_the_service_answers_while_running_and_stops_cleanly_on_sigterm(cfg, tmp
         text=True,
     )
     try:
-        busy = athome("--config", str(cfg), "work", "--once", check=False)
-        assert busy.returncode == 1 and "already running" in busy.stderr, "one worker at a time"
         msg = EmailMessage()
         msg["From"], msg["Subject"], msg["Message-ID"] = "ana@example.test", f"[{token}] HELP", "<run@x>"
         msg.set_content("x")
-        mailbox.Maildir(str(tmp_path / "in"), create=True).add(msg)
+        open_maildir(tmp_path / "in").add(msg)  # safe while the service creates it too
         deadline = time.monotonic() + 30
         out = tmp_path / "out" / "new"
         while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
             time.sleep(0.2)
         assert out.exists() and len(list(out.iterdir())) == 1, "the running service answered HELP"
+        # The service is up (it answered): a second worker is refused.
+        busy = athome("--config", str(cfg), "work", "--once", check=False)
+        assert busy.returncode == 1 and "already running" in busy.stderr, "one worker at a time"
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
