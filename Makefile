@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := openssh-server fail2ban dovecot-imapd
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint unit check bench system-deps venv clean
@@ -17,11 +16,14 @@ system-deps:
 	command -v /usr/sbin/sshd >/dev/null || missing="$$missing openssh-server"; \
 	command -v fail2ban-server >/dev/null || missing="$$missing fail2ban"; \
 	command -v dovecot >/dev/null || missing="$$missing dovecot-imapd"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v chattr >/dev/null || missing="$$missing e2fsprogs"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing Debian packages:$$missing"; \
 	    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
 	    echo "Missing system packages:$$missing (install them, or run as root)" >&2; exit 1; \
 	  fi; \
