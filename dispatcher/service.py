@@ -37,6 +37,7 @@ from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTra
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, new_request_id
 from dispatcher.mail import (
+    SESSION_MAX,
     IMAPInbox,
     Incoming,
     MaildirInbox,
@@ -132,32 +133,55 @@ class Dispatcher:
 
     def poll_once(self) -> dict[str, int]:
         """One intake pass over the unseen messages; then send what is due."""
-        counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0, "failed": 0}
         with self._inbox_factory() as inbox:
-            for msg in inbox.fetch():
-                counts["fetched"] += 1
-                try:
-                    outcome = self._intake(msg)
-                except Exception:
-                    # Left unseen: the next pass tries again; the other messages go on.
-                    counts["failed"] += 1
-                    if self._count_failure(msg) < MAX_INTAKE_FAILURES:
-                        log.exception("could not handle message %s; it stays unseen", msg.key[:12])
-                        continue
-                    log.exception(
-                        "giving up on message %s after %d failed passes: flagged seen, left in the "
-                        "mailbox for a person (Message-ID %s)",
-                        msg.key[:12],
-                        MAX_INTAKE_FAILURES,
-                        msg.message_id or "none",
-                    )
-                    outcome = "ignored"
-                counts[outcome] += 1
-                _crash_point("intake-before-ack")
-                try:
-                    inbox.ack(msg.uid)
-                except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
-                    log.exception("could not flag or move message %s", msg.key[:12])
+            return self._intake_pass(inbox)
+
+    def intake_forever(self, stop: threading.Event) -> None:
+        """Intake until `stop`: over IMAP one session at a time, waking up in IDLE as soon
+        as mail arrives (fetch, then IDLE, then fetch again: IDLE alone is never trusted);
+        elsewhere (Maildir) a pass every poll_interval. Errors reconnect after a pause."""
+        while not stop.is_set():
+            try:
+                with self._inbox_factory() as inbox:
+                    opened = time.monotonic()
+                    while not stop.is_set() and time.monotonic() - opened < SESSION_MAX:
+                        self._intake_pass(inbox)
+                        if hasattr(inbox, "wait"):
+                            inbox.wait(self.cfg.poll_interval)
+                        else:
+                            stop.wait(self.cfg.poll_interval)
+            except Exception as exc:  # a dropped connection, a server restart...
+                log.error(
+                    "intake: %s: %s; reconnecting in %ss", type(exc).__name__, exc, self.cfg.poll_interval
+                )
+                stop.wait(self.cfg.poll_interval)
+
+    def _intake_pass(self, inbox) -> dict[str, int]:
+        counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0, "failed": 0}
+        for msg in inbox.fetch():
+            counts["fetched"] += 1
+            try:
+                outcome = self._intake(msg)
+            except Exception:
+                # Left unseen: the next pass tries again; the other messages go on.
+                counts["failed"] += 1
+                if self._count_failure(msg) < MAX_INTAKE_FAILURES:
+                    log.exception("could not handle message %s; it stays unseen", msg.key[:12])
+                    continue
+                log.exception(
+                    "giving up on message %s after %d failed passes: flagged seen, left in the "
+                    "mailbox for a person (Message-ID %s)",
+                    msg.key[:12],
+                    MAX_INTAKE_FAILURES,
+                    msg.message_id or "none",
+                )
+                outcome = "ignored"
+            counts[outcome] += 1
+            _crash_point("intake-before-ack")
+            try:
+                inbox.ack(msg.uid)
+            except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
+                log.exception("could not flag or move message %s", msg.key[:12])
         self.flush_outbox()
         return counts
 
@@ -540,7 +564,7 @@ class Dispatcher:
                 stop.wait(self.cfg.poll_interval)
 
         threads = [
-            threading.Thread(target=loop, args=("intake", self.poll_once), name="intake", daemon=True),
+            threading.Thread(target=self.intake_forever, args=(stop,), name="intake", daemon=True),
             threading.Thread(
                 target=loop, args=("work", lambda: self.work_once(stop=stop)), name="work", daemon=True
             ),
@@ -550,5 +574,8 @@ class Dispatcher:
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.is_set():
                 stop.wait(1)
-        for t in threads:
-            t.join(timeout=self.cfg.playbook_timeout + 30)
+        # The worker finishes its current job; intake may sit in IDLE and has nothing
+        # half-done (every step is idempotent), so it is not waited for long.
+        intake, work = threads
+        work.join(timeout=self.cfg.playbook_timeout + 30)
+        intake.join(timeout=5)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -306,3 +307,34 @@ def test_unreachable_hosts_are_retried_then_reported(site, dovecot, smtp, ssh_ke
     assert "inacessível" in text and "mais tarde" in text
     [failed] = list((site["state"] / "queue" / "failed").iterdir())
     assert json.loads(failed.read_text())["attempts"] == 3
+
+
+def test_the_service_wakes_up_in_imap_idle_when_mail_arrives(site, dovecot, smtp):
+    """poll_interval is 10 minutes here: only IMAP IDLE can answer within the test's wait."""
+    import signal
+
+    cfg = yaml.safe_load(site["cfg"].read_text())
+    cfg["worker"]["poll_interval"] = 600
+    site["cfg"].write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(site["cfg"]), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lock = site["state"] / "intake.lock"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
+            time.sleep(0.1)  # the service has started and taken its locks
+        time.sleep(2)  # past its first pass: now in IDLE
+        dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<idle@example.test>"))
+        got = smtp.wait_for(1, timeout=60)
+        assert len(got) == 1 and "Comandos" in replies(smtp)[0]["Subject"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
