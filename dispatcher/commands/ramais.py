@@ -22,6 +22,8 @@ def received_at(request_id: str) -> str:
     except ValueError:
         return ""
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 ISO = "%Y-%m-%d %H:%M"
 
 
