@@ -91,32 +91,39 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _until_signalled() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: loops finish their current step and stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_poll(args) -> int:
     d = _dispatcher(args, "intake")
-    while True:
-        counts = d.poll_once()
-        log.info("intake pass: %s", counts)
-        if args.once:
-            return 0
-        time.sleep(d.cfg.poll_interval)
+    if args.once:
+        log.info("intake pass: %s", d.poll_once())
+        return 0
+    d.intake_forever(_until_signalled())
+    return 0
 
 
 def cmd_work(args) -> int:
     d = _dispatcher(args, "work")
-    while True:
-        n = d.work_once()
-        log.info("work pass: %d job(s)", n)
-        if args.once:
-            return 0
-        time.sleep(d.cfg.poll_interval)
+    if args.once:
+        log.info("work pass: %d job(s)", d.work_once())
+        return 0
+    stop = _until_signalled()
+    while not stop.is_set():
+        d.work_once(stop=stop)
+        stop.wait(d.cfg.poll_interval)
+    return 0
 
 
 def cmd_run(args) -> int:
     d = _dispatcher(args, "intake", "work")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("athome %s running: intake and work every %ss", __version__, d.cfg.poll_interval)
+    stop = _until_signalled()
+    log.info("athome %s running: IMAP IDLE intake, work every %ss", __version__, d.cfg.poll_interval)
     d.run_forever(stop)
     log.info("stopped")
     return 0
