@@ -2,7 +2,7 @@
 
     python -m bench.recordings                 # local 1M files (dated + flat), S3 20k keys, 2 GB ZIP
     python -m bench.recordings --cold          # also a 1M dated tree on disk with drop_caches (root)
-    python -m bench.recordings --keys 100000   # the S3 size (seeding takes ~2 minutes)
+    python -m bench.recordings --keys 20000    # a faster S3 run (the default is the 100,000)
 
 Local: the role's own selection code (module_utils/athome_recordings.py) over a generated tree of
 --files recordings (365 days, 100 extensions, directions in/out/external/q), 2 extensions over 1
