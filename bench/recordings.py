@@ -1,6 +1,6 @@
 """RAMAIS recordings selection: figures beside baselines measured in the same run.
 
-    python -m bench.recordings                 # local 1M files (dated + flat), S3 20k keys, 2 GB ZIP
+    python -m bench.recordings                 # local 1M files (dated + flat), S3 100k keys, 2 GB ZIP
     python -m bench.recordings --cold          # also a 1M dated tree on disk with drop_caches (root)
     python -m bench.recordings --keys 20000    # a faster S3 run (the default is the issue's 100,000)
 
