@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,46 @@ def test_a_run_that_reached_no_host_is_not_a_success():
 
     assert not PlaybookResult("x.yml", "successful", 0).succeeded
     assert PlaybookResult("x.yml", "successful", 0, {"h": HostResult("h")}).succeeded
+
+
+def test_records_written_by_root_stay_readable_by_the_service_user():
+    """An operator's `sudo athome queue retry` must not lock the service user out of the queue.
+
+    The test runs as root (as CI does) and plays the service user with a child
+    process that drops to `nobody`."""
+    import json as _json
+    import shutil
+
+    assert os.geteuid() == 0, "this test needs root to play two users"
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="atq-", dir="/tmp"))  # pytest's tmp_path is root-only
+    base.chmod(0o755)
+    root = base / "q"
+    root.mkdir()
+    shutil.chown(root, "nobody", "nogroup")
+    DirQueue(root)  # creates the state dirs
+    for sub in root.iterdir():
+        shutil.chown(sub, "nobody", "nogroup")
+    q = DirQueue(root)
+    good = q.put({"n": 1})
+    assert (root / "pending" / f"{good.id}.json").stat().st_uid == 65534, "root wrote it for the owner"
+    stray = root / "pending" / "00000000_000000_000000_00.json"
+    stray.write_text(_json.dumps({"id": "00000000_000000_000000_00", "payload": {}}))
+    stray.chmod(0o600)  # written by hand as root: unreadable for the service user
+    child = textwrap.dedent(
+        """
+        import os, sys
+        os.setgid(65534); os.setuid(65534)
+        from dispatcher.jobqueue import DirQueue
+        job = DirQueue(sys.argv[1]).claim()
+        print(job.id if job else "none")
+        """
+    )
+    # The system Python: the venv's interpreter may live where `nobody` cannot read (/root).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["/usr/bin/python3", "-c", child, str(root)], capture_output=True, text=True,
+                         timeout=60, env={"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}, cwd=str(base))
+    shutil.rmtree(base)
+    assert out.stdout.strip() == good.id, out.stderr
+    assert "cannot read queue record" in out.stderr
