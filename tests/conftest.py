@@ -66,9 +66,7 @@ def smtp_sink():
 @pytest.fixture
 def smtp(smtp_sink):
     """The session's SMTP sink, emptied for this test."""
-    smtp_sink.messages.clear()
-    smtp_sink.down = smtp_sink.reject = False
-    return smtp_sink
+    return smtp_sink.reset()
 
 
 @pytest.fixture(scope="session")

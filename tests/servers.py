@@ -329,6 +329,12 @@ class SMTPSink:
     def stop(self) -> None:
         self.controller.stop()
 
+    def reset(self) -> SMTPSink:
+        """Forget what was received and answer normally again (per test)."""
+        self.messages.clear()
+        self.down = self.reject = False
+        return self
+
     def wait_for(self, count: int, timeout: float = 30.0) -> list:
         deadline = time.monotonic() + timeout
         while len(self.messages) < count and time.monotonic() < deadline:

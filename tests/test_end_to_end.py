@@ -41,9 +41,7 @@ def smtp_submission(dovecot):
 
 @pytest.fixture
 def smtp(smtp_submission):
-    smtp_submission.messages.clear()
-    smtp_submission.down = smtp_submission.reject = False
-    return smtp_submission
+    return smtp_submission.reset()
 
 
 def athome(
