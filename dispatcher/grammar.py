@@ -82,46 +82,131 @@ def strip_prefixes(text: str) -> str:
 
 
 MAX_TAGS = 3  # [EXTERNAL]-style tags a mail gateway may put before the token
+TOKEN_MIN, TOKEN_MAX = 8, 32  # hex digits of a token: 8 (legacy) to 32; new ones have 16
+TOKEN_FORMAT = "[SEU TOKEN]"  # noqa: S105 - how replies show where the token goes, never a value
+_TOKEN = re.compile(rf"^\[[ ]*([0-9A-Fa-f]{{{TOKEN_MIN},{TOKEN_MAX}}})[ ]*\]\s*", re.ASCII)
+# A bracket whose content looks like an attempt at a token (a digit in it, or only hex
+# letters) rather than a gateway tag such as [EXTERNAL] or [SPAM?].
+_TOKENISH = re.compile(r"[ ]*(?=[^\]]*[0-9])[0-9A-Za-z]{1,64}[ ]*|[ ]*[A-Fa-f]{4,64}[ ]*", re.ASCII)
+# An unbracketed first word that looks like a token: letters and digits mixed, or hex only.
+_BARE_TOKENISH = re.compile(r"(?=[^ ]*[0-9])[0-9A-Za-z]{6,64}|[0-9A-Fa-f]{8,64}", re.ASCII)
 
 
-def _after_tags(text: str) -> tuple[str | None, str]:
+@dataclass(frozen=True)
+class TokenSplit:
+    """Where the token of a subject stands: `token` (8-32 hex, upper-cased) or None with
+    `problem` 'missing' or 'malformed'; `text` is the command after it."""
+
+    token: str | None
+    text: str
+    problem: str = ""
+
+    @property
+    def hint(self) -> str:
+        """For the requester (pt-BR): what was wrong with the token, never what it was."""
+        if self.problem == "malformed":
+            return (
+                f"o token informado não está no formato {TOKEN_FORMAT}: de {TOKEN_MIN} a {TOKEN_MAX} "
+                "dígitos hexadecimais (0-9, A-F) entre colchetes, no início do assunto"
+            )
+        if self.problem == "missing":
+            return f"token ausente: o assunto deve começar com {TOKEN_FORMAT}"
+        return ""
+
+
+def _after_tags(text: str) -> TokenSplit:
+    malformed = False
     for _ in range(MAX_TAGS + 1):
         match = _TOKEN.match(text)
         if match:
-            return match.group(1).upper(), text[match.end() :].strip()
+            return TokenSplit(match.group(1).upper(), text[match.end() :].strip())
         bracket = _BRACKET.match(text)
         if not bracket:
             break
+        malformed = malformed or bool(_TOKENISH.fullmatch(bracket.group(0).strip()[1:-1]))
         text = text[bracket.end() :]
-    return None, text.strip()
+    text = text.strip()
+    first = text.split(" ", 1)[0]
+    if not malformed and "=" not in first and _BARE_TOKENISH.fullmatch(first.strip("()<>{}")):
+        malformed = True  # 'A1B2C3D4 CHECKIP=...': a token without its brackets
+        text = text[len(first) :].strip()
+    return TokenSplit(None, text, "malformed" if malformed else "missing")
 
 
-def split_token(raw_subject: str) -> tuple[str | None, str]:
-    """Return (token or None, command text). The token is never kept elsewhere.
+def find_token(raw_subject: str) -> TokenSplit:
+    """The token and the command text of a subject. The token is never kept elsewhere.
 
     Tags a gateway adds before it ([EXTERNAL]) are skipped; a bracket that is not
-    8 hex digits is not a token.
+    8 to 32 hex digits is not a token (`problem` says whether one was attempted).
     """
     return _after_tags(strip_prefixes(normalise_subject(raw_subject)))
 
 
-def lenient_token(raw_subject: str) -> str | None:
+def split_token(raw_subject: str) -> tuple[str | None, str]:
+    """(token or None, command text): `find_token` without the diagnosis."""
+    found = find_token(raw_subject)
+    return found.token, found.text
+
+
+def lenient_token(raw_subject: str) -> TokenSplit:
     """The token of a subject too malformed to parse (so its sender still gets an answer)."""
     text = strip_prefixes(re.sub(r"[\x00-\x1f\x7f]", " ", (raw_subject or "")[: MAX_SUBJECT_CHARS * 4]))
-    return _after_tags(text)[0]
+    return _after_tags(text)
 
 
-def mask_token(raw_subject: str, token: str | None = None) -> str:
-    """The subject as it can be quoted back: every [8 hex] group, and the token wherever
-    it appears, replaced by ********."""
+MASK = "********"
+# A standalone group of 8 to 32 hex digits (not part of a longer word or of a request id).
+_HEX_GROUP = re.compile(rf"(?<![0-9A-Za-z_])[0-9A-Fa-f]{{{TOKEN_MIN},{TOKEN_MAX}}}(?![0-9A-Za-z_])")
+# Values echoed as they are: a MAC after its keyword, extension numbers after RAMAIS=.
+_KEEP = re.compile(
+    r"\b(?:MACATUAL|MACFUTURO)[ ]*=[ ]*[0-9A-Fa-f:\-]{12,17}(?![0-9A-Za-z])"
+    r"|\bRAMAIS[ ]*=[ ]*[0-9, ]+",
+    re.IGNORECASE | re.ASCII,
+)
+
+
+def _mask_hex(text: str) -> str:
+    out, pos = [], 0
+    for keep in _KEEP.finditer(text):
+        out.append(_HEX_GROUP.sub(MASK, text[pos : keep.start()]))
+        out.append(keep.group(0))
+        pos = keep.end()
+    out.append(_HEX_GROUP.sub(MASK, text[pos:]))
+    return "".join(out)
+
+
+def _mask_leading(text: str) -> str:
+    """Whatever stands in the token's place: leading brackets that look like a token
+    attempt, or a first word that does, even when it is not valid hex."""
+    head = []
+    for _ in range(MAX_TAGS + 1):
+        bracket = _BRACKET.match(text)
+        if not bracket:
+            break
+        inner = bracket.group(0).strip()[1:-1]
+        tokenish = _TOKEN.match(bracket.group(0)) or _TOKENISH.fullmatch(inner)
+        head.append(f"[{MASK}]" if tokenish else f"[{inner}]")
+        text = text[bracket.end() :]
+    first = text.split(" ", 1)[0]
+    if "=" not in first and _BARE_TOKENISH.fullmatch(first.strip("()<>{}")):
+        text = MASK + text[len(first) :]
+    return " ".join([*head, text]).strip()
+
+
+def mask_subject(raw_subject: str, token: str | None = None) -> str:
+    """The subject as it can be quoted back (replies, alerts, logs): whatever stands in
+    the token's place, every standalone 8-32 hex group, and the token wherever it
+    appears, replaced by ********."""
     try:
         text = strip_prefixes(normalise_subject(raw_subject))
     except GrammarError:
         text = strip_prefixes(re.sub(r"[\x00-\x1f\x7f]", "?", (raw_subject or "")))[:MAX_SUBJECT_CHARS] + "…"
-    text = re.sub(r"\[[0-9A-Fa-f]{8}\]", "[********]", text)
     if token:
-        text = re.sub(re.escape(token), "********", text, flags=re.IGNORECASE)
-    return text.strip()
+        text = re.sub(re.escape(token), MASK, text, flags=re.IGNORECASE)
+    return _mask_hex(_mask_leading(text)).strip()
+
+
+mask_token = mask_subject  # the name earlier versions used
 
 
 # ------------------------------------------------------------- KEY=value pairs

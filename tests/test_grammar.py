@@ -189,8 +189,8 @@ def test_ten_thousand_character_subject_is_refused_quickly():
 
 
 def test_masked_subject_never_shows_the_token():
-    assert grammar.mask_token("Re: [A1B2C3D4] CHECKIP=1.2.3.4") == "[********] CHECKIP=1.2.3.4"
-    assert "A1B2C3D4" not in grammar.mask_token("[A1B2C3D4]\n CHECKIP=1.2.3.4")
+    assert grammar.mask_subject("Re: [A1B2C3D4] CHECKIP=1.2.3.4") == "[********] CHECKIP=1.2.3.4"
+    assert "A1B2C3D4" not in grammar.mask_subject("[A1B2C3D4]\n CHECKIP=1.2.3.4")
 
 
 @settings(max_examples=400, deadline=None)
@@ -244,10 +244,67 @@ def test_gateway_tags_before_the_token_are_skipped():
     ],
 )
 def test_the_token_is_masked_wherever_it_appears(subject):
-    token = grammar.lenient_token(subject)
+    token = grammar.lenient_token(subject).token
     assert token == "A1B2C3D4"
-    masked = grammar.mask_token(subject, token)
+    masked = grammar.mask_subject(subject, token)
     assert "A1B2C3D4" not in masked.upper()
+
+
+@pytest.mark.parametrize(
+    ("subject", "token", "problem", "text"),
+    [
+        ("[A1B2C3D4] CHECKIP=3.3.3.3", "A1B2C3D4", "", "CHECKIP=3.3.3.3"),
+        ("[a1b2c3d4e5f60718] HELP", "A1B2C3D4E5F60718", "", "HELP"),
+        ("[" + "ab" * 16 + "] HELP", "AB" * 16, "", "HELP"),
+        ("[ A1B2C3D4 ] HELP", "A1B2C3D4", "", "HELP"),
+        ("CHECKIP=3.3.3.3", None, "missing", "CHECKIP=3.3.3.3"),
+        ("[EXTERNAL] HELP", None, "missing", "HELP"),
+        ("[A1B2C3DX] CHECKIP=3.3.3.3", None, "malformed", "CHECKIP=3.3.3.3"),
+        ("[A1B2C3D] CHECKIP=3.3.3.3", None, "malformed", "CHECKIP=3.3.3.3"),
+        ("[" + "ab" * 17 + "] HELP", None, "malformed", "HELP"),
+        ("A1B2C3D4 CHECKIP=3.3.3.3", None, "malformed", "CHECKIP=3.3.3.3"),
+        ("(A1B2C3D4) CHECKIP=3.3.3.3", None, "malformed", "CHECKIP=3.3.3.3"),
+    ],
+)
+def test_the_token_slot_says_missing_or_malformed(subject, token, problem, text):
+    found = grammar.find_token(subject)
+    assert (found.token, found.problem, found.text) == (token, problem, text)
+    assert found.hint.startswith(
+        {"": "", "missing": "token ausente", "malformed": "o token informado"}[problem]
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "secret"),
+    [
+        ("A1B2C3D4 CHECKIP=3.3.3.3", "A1B2C3D4"),
+        ("[ A1B2C3D4 ] CHECKIP=3.3.3.3", "A1B2C3D4"),
+        ("(A1B2C3D4) CHECKIP=3.3.3.3", "A1B2C3D4"),
+        ("[A1B2C3DX] CHECKIP=3.3.3.3", "A1B2C3D"),
+        ("Fwd: [EXTERNAL] [a1b2c3d4e5f60718] CHECKIP=3.3.3.3", "A1B2C3D4E5F60718"),
+        ("CHECKIP=3.3.3.3 token A1B2C3D4E5F6", "A1B2C3D4E5F6"),
+        ("[A1B2C3D4] CHECKIP=3.3.3.3\n; x", "A1B2C3D4"),  # unparsable: still masked
+    ],
+)
+def test_whatever_stands_for_a_token_is_masked_in_echoes(subject, secret):
+    assert secret not in grammar.mask_subject(subject).upper()
+
+
+def test_masking_keeps_macs_extensions_and_request_ids_readable():
+    mac = "[A1B2C3D4] MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=01:02:03:04:05:99 SERVER=gv2p"
+    assert grammar.mask_subject(mac) == mac.replace("[A1B2C3D4]", "[********]")
+    status = "[A1B2C3D4] STATUS 20251111_171215_482913_a1"
+    assert grammar.mask_subject(status) == "[********] STATUS 20251111_171215_482913_a1"
+    ramais = "[A1B2C3D4] RAMAIS=10130100,1122 SERVER=voip1"
+    assert grammar.mask_subject(ramais) == "[********] RAMAIS=10130100,1122 SERVER=voip1"
+    assert grammar.mask_subject("[EXTERNAL] [A1B2C3D4] HELP") == "[EXTERNAL] [********] HELP"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789ABCDEFabcdef", min_size=8, max_size=32), st.text(max_size=80))
+def test_no_hex_token_survives_masking_anywhere_in_a_subject(token, around):
+    for subject in (f"[{token}] {around}", f"{around} {token}", f"{token} {around}"):
+        assert token.upper() not in grammar.mask_subject(subject, token).upper()
 
 
 def test_ramais_extravars_carry_the_arrival_time_for_the_legacy_queue():
