@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dispatcher import __version__, commands, config, inventory, runner
-from dispatcher.auth import TokenStore
+from dispatcher.auth import SenderWhitelist, TokenStore
 from dispatcher.errors import AthomeError, ConfigError
 
 log = logging.getLogger("dispatcher")
@@ -73,15 +73,28 @@ def cmd_check(args) -> int:
     for spec in commands.COMMANDS.values():
         if spec.playbook and not (runner.PLAYBOOK_DIR / spec.playbook).is_file():
             problems.append(f"command {spec.name}: playbook playbooks/{spec.playbook} is missing")
+    warnings: list[str] = []
     if cfg is not None:
-        store = TokenStore(cfg.tokens_file)
+        store = TokenStore(cfg.tokens_file, cfg.server_key())
         try:
-            if not any(e.enabled for e in store.entries()):
-                problems.append(f"auth.tokens_file {cfg.tokens_file}: no enabled token (athome token add)")
-        except (OSError, ValueError, TypeError) as exc:
-            problems.append(f"auth.tokens_file {cfg.tokens_file}: unreadable: {exc}")
+            store.key.get()
+            found, warned = store.problems()
+            problems += [f"auth: {p}" for p in found]
+            warnings += [f"auth: {w}" for w in warned]
+        except AthomeError as exc:
+            problems.append(f"auth: {exc}")
         if cfg.senders_file and not cfg.senders_file.is_file():
             problems.append(f"auth.senders_file {cfg.senders_file}: does not exist")
+        elif cfg.senders_file:
+            wl = SenderWhitelist(cfg.senders, cfg.senders_file)
+            wl.addresses()
+            warnings += [f"auth.senders_file: {r}" for r in wl.rejected]
+        if not cfg.ar_required:
+            warnings.append(
+                "auth.authentication_results.required is off: a forged From with a known token runs commands"
+            )
+    for w in warnings:
+        print(f"WARNING: {w}")
     for p in problems:
         print(f"PROBLEM: {p}")
     if problems:
@@ -140,30 +153,70 @@ def cmd_demo(args) -> int:
 def _tokens(args) -> TokenStore:
     if args.tokens_file:
         return TokenStore(args.tokens_file)
-    return TokenStore(config.load(args.config).tokens_file)
+    cfg = config.load(args.config)
+    return TokenStore(cfg.tokens_file, cfg.server_key())
+
+
+def _print_new_token(entry, token: str, verb: str) -> None:
+    print(f"Token {entry.id} {verb} for {entry.description!r} ({', '.join(entry.senders)}): {token}")
+    print(f"Subject form: [{token}] HELP. It is shown only now; only its digests are stored.")
 
 
 def cmd_token(args) -> int:
+    if args.action == "unlock":
+        from dispatcher.throttle import Throttle
+
+        cfg = config.load(args.config)
+        key = cfg.server_key()
+        Throttle(cfg.throttle_dir, name=lambda who: key.digest("throttle", who)[:40]).clear(
+            args.sender.lower()
+        )
+        print(f"{args.sender.lower()}: failure count and lock-out cleared")
+        return 0
     store = _tokens(args)
     if args.action == "add":
         cmds = [c.strip().upper() for c in args.commands.split(",")] if args.commands else None
         unknown = [c for c in cmds or [] if c not in commands.COMMANDS]
         if unknown:
             raise AthomeError(f"unknown command(s): {', '.join(unknown)}")
-        entry, token = store.add(args.description, commands=cmds, admin=args.admin)
-        print(f"Token {entry.id} created for {entry.description!r}: {token}")
-        print("It is shown only now; only its hash is stored.")
+        expires = time.time() + args.expires_days * 86400 if args.expires_days else None
+        entry, token = store.add(
+            args.description,
+            args.sender,
+            commands=cmds,
+            admin=args.admin,
+            length=args.length,
+            expires=expires,
+        )
+        _print_new_token(entry, token, "created")
+    elif args.action == "rotate":
+        entry, token = store.rotate(args.id, length=args.length)
+        _print_new_token(entry, token, "rotated")
+        print("The old token stopped working now.")
     elif args.action == "list":
+        now = time.time()
         for e in store.entries():
             scope = ",".join(e.commands) if e.commands else "all"
             state = "enabled" if e.enabled else "disabled"
-            print(f"{e.id}\t{state}\t{'admin' if e.admin else '-'}\t{scope}\t{e.description}")
+            if e.enabled and e.expired(now):
+                state = "expired"
+            expires = time.strftime("%Y-%m-%d", time.gmtime(e.expires)) if e.expires else "-"
+            who = ",".join(e.senders) or "(nobody)"
+            legacy = ["LEGACY"] if e.legacy else []
+            admin = "admin" if e.admin else "-"
+            print("\t".join([e.id, state, admin, scope, who, f"expires {expires}", *legacy, e.description]))
     elif args.action in ("disable", "enable"):
         e = store.set_enabled(args.id, args.action == "enable")
         print(f"{e.id} {args.action}d")
     elif args.action == "import":
-        for note in store.import_legacy(args.file, allow_weak=args.allow_weak):
+        for note in store.import_legacy(
+            args.file, args.sender, expires_days=args.expires_days, allow_weak=args.allow_weak
+        ):
             print(note)
+        print(
+            "These tokens were stored and committed in clear by the legacy system: give each person "
+            "a new one (athome token add / rotate) before they expire."
+        )
     return 0
 
 
@@ -228,17 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("token", help="manage command tokens (stored hashed)")
     c.add_argument("--tokens-file", help="tokens file (default: auth.tokens_file of the config)")
     ts = c.add_subparsers(dest="action", required=True)
-    a = ts.add_parser("add", help="create a random token; printed once")
+    a = ts.add_parser("add", help="create a random token bound to senders; printed once")
     a.add_argument("--description", required=True)
+    a.add_argument(
+        "--sender", action="append", required=True, help="address (or @domain) that may use it; repeat"
+    )
     a.add_argument("--commands", help="comma-separated commands it may run (default: all)")
     a.add_argument("--admin", action="store_true", help="may run admin-only commands")
+    a.add_argument("--length", type=int, default=16, help="hex digits, 8 to 32 (default 16)")
+    a.add_argument("--expires-days", type=float, help="expires after this many days (default: never)")
+    x = ts.add_parser("rotate", help="replace a token by a new random one; printed once")
+    x.add_argument("id")
+    x.add_argument("--length", type=int, default=16, help="hex digits, 8 to 32 (default 16)")
     ts.add_parser("list")
     for name in ("disable", "enable"):
         x = ts.add_parser(name)
         x.add_argument("id")
-    x = ts.add_parser("import", help="import the legacy tokens.json")
+    x = ts.add_parser("import", help="import the legacy tokens.json (bound, expiring, marked legacy)")
     x.add_argument("file")
+    x.add_argument("--sender", action="append", required=True, help="who may use them (address or @domain)")
+    x.add_argument("--expires-days", type=float, default=30, help="they expire after (default 30 days)")
     x.add_argument("--allow-weak", action="store_true", help="keep guessable tokens enabled")
+    x = ts.add_parser("unlock", help="end a sender's lock-out after bad tokens")
+    x.add_argument("sender")
     c.set_defaults(func=cmd_token)
 
     c = sub.add_parser("queue", help="inspect and repair the job queue")

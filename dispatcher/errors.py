@@ -30,11 +30,14 @@ class GrammarError(AthomeError):
 
 
 class AuthError(AthomeError):
-    """The sender or the token is not accepted. `reason` is a stable code."""
+    """The sender or the token is not accepted. `reason` ('sender' or 'token') and `detail`
+    (for tokens, a code of auth.TOKEN_PROBLEMS) are stable codes; `token_id` names the
+    entry when one was found (for the log only, never for the requester)."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", token_id: str = ""):
         self.reason = reason
         self.detail = detail
+        self.token_id = token_id
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 

@@ -1,4 +1,4 @@
-"""Both authentication layers: sender whitelist and hashed tokens."""
+"""Who may command athome: the sender whitelist and hashed tokens bound to senders."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ import time
 
 import pytest
 
-from dispatcher.auth import SenderWhitelist, TokenStore, authenticate, may_run, sender_address, weak_token
-from dispatcher.errors import AuthError
+from dispatcher.auth import (
+    TOKEN_PROBLEMS,
+    Identity,
+    SenderWhitelist,
+    ServerKey,
+    TokenStore,
+    may_run,
+    sender_address,
+    valid_address,
+    weak_token,
+)
+from dispatcher.errors import AthomeError, AuthError
+
+ANA = "ana@example.test"
 
 
 @pytest.fixture
@@ -17,54 +29,146 @@ def store(tmp_path):
     return TokenStore(tmp_path / "tokens.json")
 
 
-def test_added_token_is_stored_only_as_a_hash(store):
-    entry, token = store.add("ops team")
+def code(store, token, sender=ANA, now=None) -> str:
+    with pytest.raises(AuthError) as info:
+        store.check(token, sender, now)
+    assert info.value.reason == "token"
+    return info.value.detail
+
+
+def test_added_token_is_16_hex_and_stored_only_as_digests(store):
+    entry, token = store.add("ops team", senders=[ANA])
     raw = store.path.read_text()
-    assert len(token) == 8 and token not in raw and token.lower() not in raw
-    assert entry.hash.startswith("scrypt$")
+    assert len(token) == 16 and int(token, 16) >= 0
+    assert token not in raw and token.lower() not in raw
+    assert entry.hash.startswith("scrypt$") and len(entry.lookup) == 64
     assert oct(store.path.stat().st_mode & 0o777) == "0o600"
-    assert store.match(token).id == entry.id
-    assert store.match(token.lower()).id == entry.id
+    assert oct(store.key.path.stat().st_mode & 0o777) == "0o600", "the server key is created private"
+    assert store.check(token, ANA).id == entry.id
+    assert store.check(token.lower(), "Ana@Example.test").id == entry.id
 
 
-def test_wrong_disabled_or_malformed_tokens_do_not_match(store):
-    entry, token = store.add("ops")
-    other = "%08X" % ((int(token, 16) + 1) % 2**32)
-    assert store.match(other) is None
-    assert store.match("xyz") is None and store.match("") is None
+def test_the_lookup_is_keyed_so_another_key_matches_nothing(store, tmp_path):
+    _, token = store.add("ops", senders=[ANA])
+    other = TokenStore(store.path, ServerKey(value="x" * 64))
+    assert code(other, token) == "unknown"
+    problems, _ = other.problems()
+    assert any("another server key" in p for p in problems)
+
+
+def test_each_refusal_has_its_own_code(store):
+    entry, token = store.add("ops", senders=[ANA])
+    other = "%016X" % ((int(token, 16) + 1) % 2**64)
+    assert code(store, None) == "missing"
+    assert code(store, "XYZ") == "malformed" and code(store, "A1B2C3D") == "malformed"
+    assert code(store, other) == "unknown"
+    assert code(store, token, "bob@example.test") == "not-bound"
     store.set_enabled(entry.id, False)
-    assert store.match(token) is None
+    assert code(store, token, "bob@example.test") == "not-bound", "another sender never learns it is disabled"
+    assert code(store, token) == "disabled"
+
+
+def test_what_the_requester_is_told_never_reveals_a_token_of_another_sender():
+    assert TOKEN_PROBLEMS["not-bound"] == TOKEN_PROBLEMS["unknown"] == TOKEN_PROBLEMS["disabled"]
+    assert len({TOKEN_PROBLEMS[c] for c in ("missing", "malformed", "unknown", "expired", "locked")}) == 5
+
+
+def test_a_domain_binding_admits_that_domain_only(store):
+    _, token = store.add("noc", senders=["@example.test"])
+    assert store.check(token, "bob@example.test")
+    assert code(store, token, "bob@sub.example.test") == "not-bound"
+    assert code(store, token, "bob@example.test.evil.test") == "not-bound"
+
+
+def test_expired_tokens_are_refused_as_expired_to_their_own_sender_only(store):
+    _, token = store.add("temp", senders=[ANA], expires=time.time() + 60)
+    assert store.check(token, ANA)
+    assert code(store, token, now=time.time() + 120) == "expired"
+    assert code(store, token, "bob@example.test", now=time.time() + 120) == "not-bound"
+
+
+def test_a_token_must_be_bound_to_someone(store):
+    with pytest.raises(AthomeError, match="at least one sender"):
+        store.add("nobody", senders=[])
+    with pytest.raises(AthomeError, match="not an address"):
+        store.add("bad", senders=["{{7*7}}@example.test"])
+
+
+def test_rotate_replaces_the_token_and_keeps_its_binding(store):
+    entry, old = store.add("ops", senders=[ANA], commands=["CHECKIP"])
+    rotated, new = store.rotate(entry.id)
+    assert rotated.id == entry.id and new != old and len(new) == 16
+    assert code(store, old) == "unknown"
+    assert store.check(new, ANA).commands == ["CHECKIP"]
 
 
 def test_token_scope_limits_commands(store):
-    entry, token = store.add("recordings only", commands=["RAMAIS"])
-    ident = authenticate("a@example.test", token, SenderWhitelist(["a@example.test"]), store)
+    entry, token = store.add("recordings only", senders=[ANA], commands=["RAMAIS"])
+    ident = Identity(ANA, entry.id, entry.description, entry.admin)
     assert may_run(ident, store, "RAMAIS", admin_only=False)
     assert not may_run(ident, store, "CHECKIP", admin_only=False)
     assert may_run(ident, store, "HELP", admin_only=False)
     assert not may_run(ident, store, "RAMAIS", admin_only=True)
 
 
-def test_legacy_import_hashes_and_disables_guessable_tokens(store, tmp_path):
+LEGACY = [
+    {"token": "A1B2C3D4", "description": "Token Master 1", "enabled": True},
+    {"token": "12345678", "description": "old", "enabled": True},
+    {"token": "DEADBEEF", "description": "dev", "enabled": True},
+    {"token": "9F8E7D6C", "description": "gone", "enabled": False},
+    {"token": "nothex!!", "description": "broken", "enabled": True},
+]
+
+
+@pytest.mark.parametrize("shape", ["object", "list"])
+def test_legacy_import_takes_both_shapes_bound_expiring_and_marked(store, tmp_path, shape):
     legacy = tmp_path / "legacy.json"
-    legacy.write_text(
-        json.dumps(
-            [
-                {"token": "A1B2C3D4", "description": "ops", "enabled": True},
-                {"token": "12345678", "description": "old", "enabled": True},
-                {"token": "DEADBEEF", "description": "dev", "enabled": True},
-                {"token": "9F8E7D6C", "description": "gone", "enabled": False},
-                {"token": "nothex!!", "description": "broken", "enabled": True},
-            ]
-        )
-    )
-    notes = store.import_legacy(legacy)
+    legacy.write_text(json.dumps({"tokens": LEGACY} if shape == "object" else LEGACY))
+    notes = store.import_legacy(legacy, senders=[ANA], expires_days=30)
     assert "A1B2C3D4" not in store.path.read_text()
-    assert store.match("A1B2C3D4") is not None
-    assert store.match("12345678") is None and store.match("DEADBEEF") is None
-    assert store.match("9F8E7D6C") is None
-    assert any("malformed" in n for n in notes)
+    entry = store.check("A1B2C3D4", ANA)
+    assert entry.legacy and 29 * 86400 < entry.expires - time.time() <= 30 * 86400
+    assert code(store, "A1B2C3D4", "bob@example.test") == "not-bound"
+    assert code(store, "12345678") == "disabled" and code(store, "DEADBEEF") == "disabled"
+    assert code(store, "9F8E7D6C") == "disabled"
+    assert any("entry 5" in n and "skipped" in n for n in notes)
     assert sum("DISABLED" in n for n in notes) == 2
+    _, warnings = store.problems()
+    assert any("legacy token" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"tokens": {"a": 1}}', "expected"),
+        ('{"tokens": ["A1B2C3D4"]}', "entry 1 is not an object"),
+        ('[{"token": "A1B2C3D4"}, {"token": 5}]', "entry 2 is not an object"),
+    ],
+)
+def test_a_malformed_legacy_file_is_a_clear_error_naming_file_and_entry(store, tmp_path, content, message):
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(content)
+    with pytest.raises(AthomeError, match=message) as info:
+        store.import_legacy(legacy, senders=[ANA])
+    assert str(legacy) in str(info.value)
+    assert not store.path.exists(), "nothing imported from a file that is not understood"
+
+
+def test_check_warns_about_tokens_that_expire_soon(store):
+    store.add("soon", senders=[ANA], expires=time.time() + 3 * 86400)
+    problems, warnings = store.problems()
+    assert not problems and any("expires" in w for w in warnings)
+
+
+def test_a_version_1_file_is_read_and_reported_for_rotation(tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps([{"id": "t1", "description": "old", "hash": "scrypt$1$1$1$00$00"}]))
+    store = TokenStore(path)
+    store.key.get(create=True)
+    assert [e.id for e in store.entries()] == ["t1"]
+    problems, _ = store.problems()
+    assert any("older version" in p for p in problems) and any("no usable token" in p for p in problems)
 
 
 @pytest.mark.parametrize("token", ["12345678", "DEADBEEF", "00000000", "AAAAAAAA", "FEDCBA98"])
@@ -82,23 +186,37 @@ def test_whitelist_file_changes_are_seen_without_restart(tmp_path):
     assert wl.allows("b@example.test") and wl.allows("c@example.test") and not wl.allows("a@example.test")
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "{{7*7}}@example.test",
+        "a'b@example.test",
+        "a b@example.test",
+        "a@localhost",
+        "a@@example.test",
+        'a"@x.test',
+    ],
+)
+def test_only_conservative_addresses_are_accepted(tmp_path, address):
+    assert not valid_address(address)
+    f = tmp_path / "senders.txt"
+    f.write_text(f"{address}\nok@example.test\n")
+    wl = SenderWhitelist(path=f)
+    assert wl.addresses() == {"ok@example.test"} and wl.rejected
+
+
+@pytest.mark.parametrize(
+    "address", ["ana@example.test", "jose.silva+voip@mail.example.com.br", "a_b-c@x.example"]
+)
+def test_ordinary_addresses_are_accepted(address):
+    assert valid_address(address)
+
+
 @pytest.mark.parametrize("header", ["", "a@example.test, b@example.test", "not an address", "<>"])
 def test_from_header_with_none_or_several_addresses_is_refused(header):
     with pytest.raises(AuthError) as info:
         sender_address(header)
     assert info.value.reason == "sender"
-
-
-def test_authenticate_checks_sender_before_token(store):
-    _, token = store.add("ops")
-    wl = SenderWhitelist(["ok@example.test"])
-    with pytest.raises(AuthError) as info:
-        authenticate("Eve <eve@example.test>", token, wl, store)
-    assert info.value.reason == "sender"
-    with pytest.raises(AuthError) as info:
-        authenticate("OK <OK@example.test>", None, wl, store)
-    assert info.value.reason == "token"
-    assert authenticate("OK <OK@example.test>", token, wl, store).sender == "ok@example.test"
 
 
 def test_an_encoded_word_cannot_smuggle_a_whitelisted_address():
@@ -107,3 +225,16 @@ def test_an_encoded_word_cannot_smuggle_a_whitelisted_address():
         assert sender_address(header) != "ana@example.test"
     assert sender_address("=?UTF-8?Q?Jos=C3=A9?= <Jose@Example.test>") == "jose@example.test"
     assert sender_address('"Silva, Ana" <ana@example.test>') == "ana@example.test"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "=?utf-8?q?Jos=C3=A9_da_Silva?=\r\n <jose@example.test>",  # Outlook/Thunderbird fold
+        "=?UTF-8?B?Sm9zw6kgZGEgU2lsdmE=?=\r\n\t<jose@example.test>",  # Gmail, B encoding
+        "=?utf-8?Q?Silva=2C_Jos=C3=A9?=\r\n <jose@example.test>",  # Outlook's "Silva, José"
+        '"Silva, José" <jose@example.test>',
+    ],
+)
+def test_folded_and_encoded_from_headers_give_the_address(header):
+    assert sender_address(header) == "jose@example.test"

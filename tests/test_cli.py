@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from dispatcher.mail import open_maildir
+from tests.messages import AUTHSERV, command_message
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,24 +35,58 @@ def cfg(tmp_path):
         "inventory: inventory/demo\n"
         "mail:\n  transport: maildir\n  from_address: ops@example.test\n  admin_addresses: [a@example.test]\n"
         f"  maildir: {{inbox: {tmp_path}/in, outbox: {tmp_path}/out}}\n"
-        f"auth: {{senders: [ana@example.test], tokens_file: {tmp_path}/tokens.json}}\n"
+        f"auth: {{senders: [ana@example.test], tokens_file: {tmp_path}/tokens.json,\n"
+        f"  authentication_results: {{trusted_authserv_ids: [{AUTHSERV}]}}}}\n"
         "worker: {poll_interval: 0.5}\n"
     )
     return path
 
 
+def new_token(out: str) -> str:
+    return out.split("): ", 1)[1].split()[0]
+
+
 def test_token_commands_print_the_token_once_and_store_only_its_hash(cfg, tmp_path):
-    out = athome("--config", str(cfg), "token", "add", "--description", "NOC", "--commands", "checkip").stdout
-    token = out.split(": ", 1)[1].split()[0]
-    assert len(token) == 8 and token not in (tmp_path / "tokens.json").read_text()
+    add = ("--config", str(cfg), "token", "add", "--description", "NOC", "--sender", "ana@example.test")
+    token = new_token(athome(*add, "--commands", "checkip").stdout)
+    assert len(token) == 16 and token not in (tmp_path / "tokens.json").read_text()
     listing = athome("--config", str(cfg), "token", "list").stdout
-    assert "t1\tenabled\t-\tCHECKIP\tNOC" in listing and token not in listing
+    assert "t1\tenabled\t-\tCHECKIP\tana@example.test\texpires -\tNOC" in listing and token not in listing
     athome("--config", str(cfg), "token", "disable", "t1")
     assert "t1\tdisabled" in athome("--config", str(cfg), "token", "list").stdout
-    bad = athome(
-        "--config", str(cfg), "token", "add", "--description", "x", "--commands", "REBOOT", check=False
-    )
+    bad = athome(*add, "--commands", "REBOOT", check=False)
     assert bad.returncode == 1 and "unknown command" in bad.stderr
+    unbound = athome("--config", str(cfg), "token", "add", "--description", "x", check=False)
+    assert unbound.returncode == 2 and "--sender" in unbound.stderr
+    rotated = athome("--config", str(cfg), "token", "rotate", "t1").stdout
+    assert new_token(rotated) != token and "stopped working" in rotated
+
+
+def test_legacy_tokens_import_as_they_really_are_and_check_warns_about_them(cfg, tmp_path):
+    legacy = tmp_path / "legacy-tokens.json"
+    legacy.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {"token": "A1B2C3D4", "description": "Token Master 1", "enabled": True},
+                    {"token": "12345678", "description": "Token Teste", "enabled": True},
+                ]
+            }
+        )
+    )
+    out = athome("--config", str(cfg), "token", "import", str(legacy), "--sender", "ana@example.test").stdout
+    assert (
+        "t1 (Token Master 1): imported enabled, legacy" in out and "guessable token imported DISABLED" in out
+    )
+    assert "A1B2C3D4" not in (tmp_path / "tokens.json").read_text()
+    check = athome("--config", str(cfg), "check", check=False).stdout
+    assert "WARNING: auth: token t1 (Token Master 1): a legacy token" in check
+    legacy.write_text('{"tokens": [{"token": "A1B2C3D4"}, "oops"]}')
+    bad = athome(
+        "--config", str(cfg), "token", "import", str(legacy), "--sender", "ana@example.test", check=False
+    )
+    assert bad.returncode == 1 and f"{legacy}: entry 2 is not an object" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_queue_commands_list_show_and_retry(cfg, tmp_path):
@@ -72,10 +106,10 @@ def test_queue_commands_list_show_and_retry(cfg, tmp_path):
 
 
 def test_the_service_answers_while_running_and_stops_cleanly_on_sigterm(cfg, tmp_path):
-    token = (
-        athome("--config", str(cfg), "token", "add", "--description", "svc")
-        .stdout.split(": ", 1)[1]
-        .split()[0]
+    token = new_token(
+        athome(
+            "--config", str(cfg), "token", "add", "--description", "svc", "--sender", "ana@example.test"
+        ).stdout
     )
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     proc = subprocess.Popen(
@@ -87,9 +121,7 @@ def test_the_service_answers_while_running_and_stops_cleanly_on_sigterm(cfg, tmp
         text=True,
     )
     try:
-        msg = EmailMessage()
-        msg["From"], msg["Subject"], msg["Message-ID"] = "ana@example.test", f"[{token}] HELP", "<run@x>"
-        msg.set_content("x")
+        msg = command_message(f"[{token}] HELP", msgid="<run@x>")
         open_maildir(tmp_path / "in").add(msg)  # safe while the service creates it too
         deadline = time.monotonic() + 30
         out = tmp_path / "out" / "new"
