@@ -66,6 +66,17 @@ class Config:
     senders: list[str] = field(default_factory=list)
     senders_file: Path | None = None
     tokens_file: Path = Path("/etc/athome/tokens.json")
+    key_file: Path | None = None  # the server key for every HMAC (default: athome.key beside tokens_file)
+    key_value: str = field(default="", repr=False)  # the same, from auth.key_env
+    # Authentication-Results (RFC 8601) of the receiving mail server
+    ar_required: bool = True
+    trusted_authserv_ids: list[str] = field(default_factory=list)
+    max_age_hours: float = 24.0  # a command older than this is refused (replays, old mail)
+    max_future_minutes: float = 10.0
+    lockout_failures: int = 5  # bad tokens per sender within lockout_window_minutes...
+    lockout_window_minutes: float = 15.0
+    lockout_cooldown_minutes: float = 15.0  # ...lock the sender out for this long
+    flood_alert: int = 50  # bad tokens of all senders within the window: the admins are told once
     max_window_days: int = 31
     max_attempts: int = 3
     retry_backoff: list[int] = field(default_factory=lambda: [60, 300, 900])
@@ -95,6 +106,17 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "log"
+
+    @property
+    def throttle_dir(self) -> Path:
+        return self.state_dir / "throttle"
+
+    def server_key(self):
+        from dispatcher.auth import ServerKey
+
+        if self.key_value:
+            return ServerKey(value=self.key_value)
+        return ServerKey(self.key_file or self.tokens_file.with_name("athome.key"))
 
 
 def _secret(section: dict[str, Any], name: str, where: str, problems: list[str]) -> str:
@@ -258,6 +280,43 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     cfg.tokens_file = _path(base, auth.get("tokens_file")) or cfg.tokens_file
     if not cfg.senders and not cfg.senders_file:
         problems.append("auth: no senders and no senders_file: nobody could send a command")
+    if "key" in auth:
+        problems.append("auth.key: secrets are not accepted in the config file; use key_file or key_env")
+    if auth.get("key_env"):
+        cfg.key_value = _secret(auth, "key", "auth", problems)
+    cfg.key_file = _path(base, auth.get("key_file"))
+    ar = auth.get("authentication_results") or {}
+    cfg.ar_required = bool(ar.get("required", True))
+    ids = ar.get("trusted_authserv_ids") or []
+    if not isinstance(ids, list):
+        problems.append(
+            "auth.authentication_results.trusted_authserv_ids: must be a list, e.g. [mx.google.com]"
+        )
+        ids = []
+    cfg.trusted_authserv_ids = [str(i).strip().lower() for i in ids if str(i).strip()]
+    if cfg.ar_required and not cfg.trusted_authserv_ids:
+        problems.append(
+            "auth.authentication_results: required, but trusted_authserv_ids is empty "
+            "(the authserv-id of your mail provider, e.g. mx.google.com; see the README)"
+        )
+    fresh = auth.get("freshness") or {}
+    cfg.max_age_hours = _number(fresh, "max_age_hours", cfg.max_age_hours, "auth.freshness", problems, float)
+    cfg.max_future_minutes = _number(
+        fresh, "max_future_minutes", cfg.max_future_minutes, "auth.freshness", problems, float
+    )
+    lock = auth.get("lockout") or {}
+    cfg.lockout_failures = _number(lock, "failures", cfg.lockout_failures, "auth.lockout", problems)
+    cfg.lockout_window_minutes = _number(
+        lock, "window_minutes", cfg.lockout_window_minutes, "auth.lockout", problems, float
+    )
+    cfg.lockout_cooldown_minutes = _number(
+        lock, "cooldown_minutes", cfg.lockout_cooldown_minutes, "auth.lockout", problems, float
+    )
+    cfg.flood_alert = _number(lock, "flood_alert", cfg.flood_alert, "auth.lockout", problems)
+    if cfg.max_age_hours <= 0 or cfg.max_future_minutes < 0:
+        problems.append("auth.freshness: max_age_hours must be positive and max_future_minutes not negative")
+    if cfg.lockout_failures < 1:
+        problems.append("auth.lockout.failures: must be at least 1")
 
     cmds = data.get("commands") or {}
     cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)

@@ -18,6 +18,7 @@ import shutil
 from datetime import date, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import default as default_policy
+from email.utils import formatdate
 from pathlib import Path
 
 import yaml
@@ -114,7 +115,7 @@ def _prepare(root: Path) -> tuple[Path, str, list]:
     if s3 is not None:
         sandboxes.append(s3)
     store = TokenStore(root / "tokens.json")
-    _, token = store.add("demo", admin=True)
+    _, token = store.add("demo", senders=[REQUESTER], admin=True)
     cfg_path = root / "athome.yml"
     cfg_path.write_text(
         yaml.safe_dump(
@@ -127,7 +128,13 @@ def _prepare(root: Path) -> tuple[Path, str, list]:
                     "admin_addresses": ["admin@athome.example"],
                     "maildir": {"inbox": "mail/inbox", "outbox": "mail/outbox"},
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json"},
+                "auth": {
+                    "senders": [REQUESTER],
+                    "tokens_file": "tokens.json",
+                    # The demo's mail never crosses a mail server that could vouch for it
+                    # (Authentication-Results); production requires it (config/athome.example.yml).
+                    "authentication_results": {"required": False},
+                },
                 "worker": {"retry_backoff": [0], "playbook_timeout": 300},
             }
         )
@@ -145,6 +152,7 @@ def _drop_emails(inbox: Path, token: str) -> None:
         msg["To"] = "ops@athome.example"
         msg["Subject"] = f"[{token}] {command}"
         msg["Message-ID"] = f"<demo-{i}@athome.example>"
+        msg["Date"] = formatdate(localtime=True)
         msg.set_content("Enviado pela demonstração do athome-ops.")
         box.add(msg)
 

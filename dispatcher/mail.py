@@ -7,10 +7,11 @@ the rejection reply, is durably queued.
 
 from __future__ import annotations
 
-import hashlib
+import email.policy
 import imaplib
 import logging
 import mailbox
+import os
 import re
 import smtplib
 import ssl
@@ -31,18 +32,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Incoming:
+    """The headers of one message that the dispatcher decides on, unfolded (RFC 5322)."""
+
     uid: str
     message_id: str
-    from_header: str  # every From header, raw (not decoded): several addresses are refused later
-    subject: str
+    from_header: str  # every From header, unfolded, not decoded: several addresses are refused later
+    subject: str  # decoded (RFC 2047), unfolded
     references: str = ""
     automated: str = ""  # why this looks like a machine's mail (bounce, auto-reply), or ""
-
-    @property
-    def key(self) -> str:
-        """Stable identity for de-duplication: the Message-ID, or a digest of the headers."""
-        basis = self.message_id or f"{self.from_header}\n{self.subject}\n{self.uid}"
-        return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:40]
+    date: str = ""  # the Date header as written
+    auth_results: tuple[str, ...] = ()  # every Authentication-Results header, topmost first
 
 
 _MSGID = re.compile(r"<[^<>\s]{1,250}>")
@@ -65,12 +64,21 @@ def _text(value) -> str:
         return repr(value)
 
 
+def unfold(value: str) -> str:
+    """RFC 5322 unfolding: a CRLF (or LF) followed by white space is not part of the value."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value or "").replace("\r", "").replace("\n", "")
+
+
 def _decode(value) -> str:
-    text = _text(value)
+    """An unstructured header (Subject) decoded as email.policy.default does (RFC 2047)."""
+    text = unfold(_text(value))
     try:
-        return str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, TypeError):
-        return text
+        return str(email.policy.default.header_factory("Subject", text))
+    except Exception:  # the parser's own errors on hostile input
+        try:
+            return str(make_header(decode_header(text)))
+        except (ValueError, LookupError, UnicodeError, TypeError):
+            return text
 
 
 def _msgids(value) -> list[str]:
@@ -94,18 +102,30 @@ def _automated(headers) -> str:
 
 
 def incoming_from_headers(uid: str, headers) -> Incoming:
-    """Build an Incoming from an email.message.Message (headers are enough)."""
-    ids = _msgids(headers.get("Message-ID"))
+    """Build an Incoming from an email.message.Message (headers are enough).
+
+    Values are taken as written (`raw_items`, whatever policy parsed them) and unfolded;
+    From and Subject are then read with email.policy.default, like mail clients do."""
+    raw: dict[str, list[str]] = {}
+    for name, value in headers.raw_items():
+        raw.setdefault(name.lower(), []).append(unfold(_text(value)))
+
+    def first(name: str) -> str:
+        return raw.get(name, [""])[0]
+
+    ids = _msgids(first("message-id"))
     message_id = ids[0] if ids else ""
-    refs = _msgids(headers.get("References")) or _msgids(headers.get("In-Reply-To"))
+    refs = _msgids(" ".join(raw.get("references", []))) or _msgids(first("in-reply-to"))
     refs = [r for r in refs if r != message_id][-(MAX_REFERENCES - 1) :]
     return Incoming(
         uid=str(uid),
         message_id=message_id,
-        from_header=", ".join(_text(f) for f in headers.get_all("From") or []),
-        subject=_decode(headers.get("Subject")),
+        from_header=", ".join(raw.get("from", [])),
+        subject=_decode(first("subject")),
         references=" ".join([*refs, message_id]).strip(),
         automated=_automated(headers),
+        date=first("date").strip(),
+        auth_results=tuple(raw.get("authentication-results", [])),
     )
 
 
@@ -229,10 +249,16 @@ def open_maildir(path: str | Path) -> mailbox.Maildir:
 
 
 class MaildirInbox:
-    """A local Maildir as the mailbox (embedded default): unseen = no 'S' flag."""
+    """A local Maildir as the mailbox (embedded default): unseen = no 'S' flag.
+
+    Read and flagged with plain directory operations (a rename into cur/ with the
+    flag in the name, as mail clients do) rather than mailbox.Maildir, which
+    rewrites a whole message to change a flag."""
 
     def __init__(self, path: str | Path):
-        self.box = open_maildir(path)
+        self.box = open_maildir(path)  # for adding mail (the demo, the tests)
+        self.path = Path(path)
+        self._where: dict[str, Path] = {}
 
     def __enter__(self) -> MaildirInbox:
         return self
@@ -242,20 +268,28 @@ class MaildirInbox:
 
     def fetch(self) -> list[Incoming]:
         self.box.clean()
-        items = []
-        for key in sorted(self.box.iterkeys()):
-            msg = self.box.get_message(key)
-            if "S" in msg.get_flags():
-                continue
-            with self.box.get_file(key) as f:
-                items.append((key, BytesHeaderParser().parse(f)))
+        items, self._where = [], {}
+        for sub in ("new", "cur"):
+            for name in sorted(os.listdir(self.path / sub)):
+                if name.startswith("."):
+                    continue
+                uid, _, info = name.partition(":")
+                if info.startswith("2,") and "S" in info[2:]:
+                    continue
+                path = self.path / sub / name
+                try:
+                    with open(path, "rb") as f:
+                        items.append((uid, BytesHeaderParser(policy=email.policy.default).parse(f)))
+                except FileNotFoundError:  # taken by another reader meanwhile
+                    continue
+                self._where[uid] = path
         return parse_all(items)
 
     def ack(self, uid: str) -> None:
-        msg = self.box.get_message(uid)
-        msg.set_subdir("cur")
-        msg.add_flag("S")
-        self.box[uid] = msg
+        path = self._where.pop(uid)
+        _, _, info = path.name.partition(":")
+        flags = "".join(sorted(set(info[2:] if info.startswith("2,") else "") | {"S"}))
+        os.rename(path, self.path / "cur" / f"{uid}:2,{flags}")
 
     def close(self) -> None:
         self.box.close()

@@ -20,17 +20,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from dispatcher import commands, grammar, runner
-from dispatcher.auth import SenderWhitelist, TokenStore, authenticate, may_run, sender_address
+from dispatcher import commands, grammar, mailauth, runner
+from dispatcher.auth import (
+    TOKEN_PROBLEMS,
+    Identity,
+    SenderWhitelist,
+    TokenStore,
+    domain_of,
+    may_run,
+    sender_address,
+)
 from dispatcher.commands import Command
 from dispatcher.config import Config
 from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
@@ -45,8 +53,10 @@ from dispatcher.mail import (
     SMTPSender,
     answers_us,
     build_message,
+    unfold,
 )
 from dispatcher.replies import Replies
+from dispatcher.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,8 @@ OUTBOX_MAX_DELAY = 600
 OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before it is re-sent
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
+MAX_REFUSALS_PER_HOUR = 5  # other refusals (unauthenticated, stale, locked out) per sender
+PRIORITY_BUDGET = 2.0  # seconds of suspect mail handled before the pass fetches again
 
 
 class Dispatcher:
@@ -65,7 +77,16 @@ class Dispatcher:
         cfg.seen_dir.mkdir(parents=True, exist_ok=True)
         self.inventory = InventoryWatcher(cfg.inventory)
         self.whitelist = SenderWhitelist(cfg.senders, cfg.senders_file)
-        self.auth_store = TokenStore(cfg.tokens_file)
+        self.key = cfg.server_key()
+        self.auth_store = TokenStore(cfg.tokens_file, self.key)
+        self.key.get()  # fail at start, not at the first command, when the key is missing
+        self.throttle = Throttle(
+            cfg.throttle_dir,
+            name=lambda who: self.key.digest("throttle", who)[:40],
+            limit=cfg.lockout_failures,
+            window=cfg.lockout_window_minutes * 60,
+            cooldown=cfg.lockout_cooldown_minutes * 60,
+        )
         self.replies = Replies(cfg.brand)
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
@@ -119,7 +140,11 @@ class Dispatcher:
             "seen": 0,
             "artifacts": runner.prune_artifacts(self.cfg.artifacts_dir, self.cfg.artifacts_max_age_days),
         }
-        cutoff = time.time() - days * 86400
+        # The ledger of seen messages outlives the freshness window, so a replayed message
+        # is refused as a duplicate while it is fresh and as too old once it is pruned.
+        keep = max(days * 86400, (self.cfg.max_age_hours * 3600 + self.cfg.max_future_minutes * 60) * 2)
+        cutoff = time.time() - keep
+        removed["throttle"] = self.throttle.prune(max(keep, 86400))
         for marker in self.cfg.seen_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if marker.stat().st_mtime < cutoff:
@@ -157,52 +182,81 @@ class Dispatcher:
                 stop.wait(self.cfg.poll_interval)
 
     def _intake_pass(self, inbox) -> dict[str, int]:
+        """Handle the unseen messages, likely-genuine ones first: a flood of forged or
+        guessed commands must not delay a colleague's confirmation. After the first
+        group the replies go out; suspect mail is then handled for at most
+        PRIORITY_BUDGET seconds before the next fetch looks for new genuine mail."""
         counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0, "failed": 0}
-        for msg in inbox.fetch():
-            counts["fetched"] += 1
-            try:
-                outcome = self._intake(msg)
-            except Exception:
-                # Left unseen: the next pass tries again; the other messages go on.
-                counts["failed"] += 1
-                if self._count_failure(msg) < MAX_INTAKE_FAILURES:
-                    log.exception("could not handle message %s; it stays unseen", msg.key[:12])
-                    continue
-                log.exception(
-                    "giving up on message %s after %d failed passes: flagged seen, left in the "
-                    "mailbox for a person (Message-ID %s)",
-                    msg.key[:12],
-                    MAX_INTAKE_FAILURES,
-                    msg.message_id or "none",
-                )
-                outcome = "ignored"
-            counts[outcome] += 1
-            _crash_point("intake-before-ack")
-            try:
-                inbox.ack(msg.uid)
-            except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
-                log.exception("could not flag or move message %s", msg.key[:12])
+        messages = inbox.fetch()
+        counts["fetched"] = len(messages)
+        genuine, suspect = [], []
+        for msg in messages:
+            (genuine if self._looks_genuine(msg) else suspect).append(msg)
+        for msg in genuine:
+            self._handle(inbox, msg, counts)
+        if genuine:
+            self.flush_outbox()
+        started = time.monotonic()
+        for msg in suspect:
+            if time.monotonic() - started > PRIORITY_BUDGET:
+                counts["deferred"] = counts.get("deferred", 0) + 1
+                continue
+            self._handle(inbox, msg, counts)
         self.flush_outbox()
         return counts
 
-    def _alert_allowed(self, sender: str) -> bool:
-        """At most MAX_TOKEN_ALERTS_PER_HOUR bad-token alerts per sender (a file of timestamps)."""
-        folder = self.cfg.state_dir / "alerts"
-        folder.mkdir(exist_ok=True)
-        path = folder / hashlib.sha256(sender.encode()).hexdigest()[:32]
-        now = time.time()
+    def _looks_genuine(self, msg: Incoming) -> bool:
+        """Cheap triage (no token check): a whitelisted, authenticated sender not locked out."""
         try:
-            recent = [t for t in json.loads(path.read_text()) if now - t < 3600]
-        except (FileNotFoundError, ValueError, TypeError):
-            recent = []
-        if len(recent) >= MAX_TOKEN_ALERTS_PER_HOUR:
+            sender = sender_address(msg.from_header)
+            if not self.whitelist.allows(sender) or self.throttle.locked_until(sender):
+                return False
+            return not self.cfg.ar_required or self._sender_verdict(msg, sender).ok
+        except Exception:
             return False
-        path.write_text(json.dumps([*recent, now]))
-        return True
+
+    def _handle(self, inbox, msg: Incoming, counts: dict[str, int]) -> None:
+        try:
+            outcome = self._intake(msg)
+        except Exception:
+            # Left unseen: the next pass tries again; the other messages go on.
+            counts["failed"] += 1
+            if self._count_failure(msg) < MAX_INTAKE_FAILURES:
+                log.exception("could not handle message uid %s; it stays unseen", msg.uid)
+                return
+            log.exception(
+                "giving up on message uid %s after %d failed passes: flagged seen, left in the "
+                "mailbox for a person (Message-ID %s)",
+                msg.uid,
+                MAX_INTAKE_FAILURES,
+                msg.message_id or "none",
+            )
+            outcome = "ignored"
+        counts[outcome] += 1
+        _crash_point("intake-before-ack")
+        try:
+            inbox.ack(msg.uid)
+        except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
+            log.exception("could not flag or move message uid %s", msg.uid)
+
+    def _mail_allowed(self, kind: str, who: str, limit: int) -> bool:
+        """At most `limit` mails of `kind` about `who` per hour; more are only logged."""
+        if self.throttle.allow(kind, who, limit):
+            return True
+        log.error("%s mails about %s over %d/hour: not mailed", kind, who, limit)
+        return False
+
+    def _message_key(self, msg: Incoming) -> str:
+        """The message's identity in the ledger: Message-ID + From + Date + masked subject,
+        as an HMAC under the server key (the subject carries a token: never a plain hash).
+        The same message delivered twice has one key; another command that reuses a
+        Message-ID has another."""
+        masked = grammar.mask_subject(msg.subject)
+        return self.key.digest("message", msg.message_id, unfold(msg.from_header), msg.date, masked)[:48]
 
     def _count_failure(self, msg: Incoming) -> int:
         """How many passes failed on this message (kept beside its seen marker)."""
-        path = self.cfg.seen_dir / f"{msg.key}.failures"
+        path = self.cfg.seen_dir / f"{self._message_key(msg)}.failures"
         try:
             n = int(path.read_text()) + 1
         except (FileNotFoundError, ValueError):
@@ -211,25 +265,41 @@ class Dispatcher:
         return n
 
     def _marker(self, msg: Incoming) -> Path:
-        return self.cfg.seen_dir / msg.key
+        return self.cfg.seen_dir / self._message_key(msg)
 
     def _intake(self, msg: Incoming) -> str:
         marker = self._marker(msg)
         try:
-            request_id = json.loads(marker.read_text())["request_id"]
-        except (FileNotFoundError, ValueError, KeyError):
-            request_id = None
-        # Seen before (a crash came between queueing and flagging it): decide again
-        # under the same request id; every put below is idempotent by id.
+            seen = json.loads(marker.read_text())
+            request_id = seen["request_id"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            seen, request_id = {}, None
+        if seen.get("decided"):
+            # The same message again (delivered twice, copied back, replayed): handled once.
+            log.warning("ignored message uid %s: a copy of request %s, already handled", msg.uid, request_id)
+            return "ignored"
+        # Seen but not decided (a crash came between queueing and flagging it): decide
+        # again under the same request id; every put below is idempotent by id.
         if request_id is None:
             request_id = new_request_id()
             self._write_marker(marker, request_id)
         _crash_point("intake-after-marker")
-        return self._decide(msg, request_id)
+        outcome = self._decide(msg, request_id)
+        self._write_marker(marker, request_id, decided=outcome)
+        return outcome
 
-    def _write_marker(self, marker: Path, request_id: str) -> None:
+    def _write_marker(self, marker: Path, request_id: str, decided: str = "") -> None:
+        """The request id is written durably (every later write is idempotent by it); the
+        'decided' note is not fsync'd: if a crash loses it, the message is decided again
+        under the same request id, which queues and answers nothing twice."""
         tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(json.dumps({"request_id": request_id, "at": time.time()}))
+        record = {"request_id": request_id, "at": time.time()}
+        if decided:
+            record["decided"] = decided
+        tmp.write_text(json.dumps(record))
+        if decided:
+            os.replace(tmp, marker)
+            return
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, marker)
@@ -239,45 +309,81 @@ class Dispatcher:
         finally:
             os.close(fd)
 
+    def _sender_verdict(self, msg: Incoming, sender: str) -> mailauth.Verdict:
+        return mailauth.verify_sender_cached(
+            tuple(msg.auth_results), domain_of(sender), tuple(self.cfg.trusted_authserv_ids)
+        )
+
     def _decide(self, msg: Incoming, request_id: str) -> str:
+        """Screen, authenticate (sender, provenance, freshness, lock-out, token), parse,
+        check permission; then queue the job or answer. Cheapest refusals first."""
         if msg.automated:
-            log.info("ignored message %s: automatic mail (%s)", msg.key[:12], msg.automated)
+            log.info("ignored message uid %s: automatic mail (%s)", msg.uid, msg.automated)
             return "ignored"
         subject_error = None
         try:
-            token, text = grammar.split_token(msg.subject)
+            found = grammar.find_token(msg.subject)
         except GrammarError as exc:
-            token, text, subject_error = grammar.lenient_token(msg.subject), "", exc
-        masked = grammar.mask_token(msg.subject, token)
-        if token is None and answers_us(msg):
+            found, subject_error = grammar.lenient_token(msg.subject), exc
+        text = found.text
+        masked = grammar.mask_subject(msg.subject, found.token)
+        if found.token is None and answers_us(msg):
             # A person answered one of our replies without a command: nothing to do, no alarm.
-            log.info("ignored message %s: a reply to our own mail without a token", msg.key[:12])
+            log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
             return "ignored"
         try:
-            identity = authenticate(msg.from_header, token, self.whitelist, self.auth_store)
-        except AuthError as exc:
-            if exc.reason == "sender":
-                log.warning("ignored message %s from a sender not allowed (%s)", msg.key[:12], exc.detail)
-                # A marker with no job and no reply: nothing more to do for this message.
-                return "ignored"
             sender = sender_address(msg.from_header)
-            log.warning("rejected %s from %s: token %s", request_id, sender, exc.detail)
-            if not self._alert_allowed(sender):
-                # Guessing tokens, or a loop: the admins already have the last ones.
-                log.error("token alerts for %s over %d/hour: not mailed", sender, MAX_TOKEN_ALERTS_PER_HOUR)
-                return "ignored"
-            self._queue_reply(
-                f"{request_id}-reply",
-                "token_invalid",
-                to=self.cfg.admin_addresses,
-                cc=[sender],
-                msg=msg,
-                sender=sender,
-                subject=masked,
-                problem="token ausente" if exc.detail == "missing" else "token inválido ou desativado",
+        except AuthError as exc:
+            log.warning("ignored message uid %s: %s", msg.uid, exc.detail)
+            return "ignored"
+        if not self.whitelist.allows(sender):
+            # No reply (no backscatter to forged or unknown senders): a log line is all.
+            log.warning("ignored message uid %s from %s: not on the whitelist", msg.uid, sender)
+            return "ignored"
+        if self.cfg.ar_required:
+            verdict = self._sender_verdict(msg, sender)
+            if not verdict.ok:
+                return self._refuse_unauthenticated(msg, request_id, sender, masked, verdict)
+        fresh = mailauth.check_date(
+            msg.date,
+            datetime.now(timezone.utc),
+            timedelta(hours=self.cfg.max_age_hours),
+            timedelta(minutes=self.cfg.max_future_minutes),
+        )
+        if not fresh.ok:
+            log.warning("refused %s from %s: Date %r (%s)", request_id, sender, msg.date, fresh.reason)
+            return self._refuse(
+                msg,
+                request_id,
+                sender,
+                masked,
+                "Comando recusado: mensagem fora do prazo",
+                fresh.reason,
+                "Envie o comando de novo em um e-mail novo (não reenvie nem encaminhe o antigo).",
             )
-            return "replied"
-        sender = identity.sender
+        locked = self.throttle.locked_until(sender)
+        if locked:
+            log.warning(
+                "refused %s from %s: locked out after bad tokens (token not checked)", request_id, sender
+            )
+            until = time.strftime("%d/%m/%Y %H:%M UTC", time.gmtime(locked))
+            return self._refuse(
+                msg,
+                request_id,
+                sender,
+                masked,
+                "Comando recusado: remetente bloqueado",
+                f"{TOKEN_PROBLEMS['locked']}, até {until}",
+                "Os administradores foram avisados. Se não foi você quem enviou os comandos com token "
+                "inválido, avise-os: alguém pode estar tentando usar o seu endereço.",
+            )
+        try:
+            if found.problem == "malformed":
+                raise AuthError("token", "malformed")
+            entry = self.auth_store.check(found.token, sender)
+        except AuthError as exc:
+            return self._refuse_token(msg, request_id, sender, masked, exc, found)
+        identity = Identity(sender, entry.id, entry.description, entry.admin)
         try:
             if subject_error is not None:
                 subject_error.example = subject_error.example or commands.examples()
@@ -337,6 +443,147 @@ class Dispatcher:
             position=max(1, self.jobs.position(job.id)),
         )
         return "queued"
+
+    # ------------------------------------------------------------ refusals
+
+    def _refuse(
+        self,
+        msg: Incoming,
+        request_id: str,
+        sender: str,
+        masked: str,
+        headline: str,
+        problem: str,
+        advice: str,
+    ) -> str:
+        """A refusal to the requester alone, capped per sender (a flood gets no flood back)."""
+        if not self._mail_allowed("refusal", sender, MAX_REFUSALS_PER_HOUR):
+            return "ignored"
+        self._queue_reply(
+            f"{request_id}-reply",
+            "refused",
+            to=[sender],
+            msg=msg,
+            subject=masked,
+            headline=headline,
+            problem=problem,
+            advice=advice,
+            request_id=request_id,
+        )
+        return "replied"
+
+    def _alert_admins(self, reply_id: str, headline: str, rows: list[tuple[str, str]], advice: str) -> None:
+        self._queue_reply(
+            reply_id,
+            "security_alert",
+            to=self.cfg.admin_addresses,
+            headline=headline,
+            rows=rows,
+            advice=advice,
+        )
+
+    def _refuse_unauthenticated(
+        self, msg: Incoming, request_id: str, sender: str, masked: str, verdict: mailauth.Verdict
+    ) -> str:
+        """A whitelisted From that the receiving server did not authenticate: forged, or sent
+        through a path that breaks DKIM. Nothing runs; the admins get one alert and the
+        claimed sender a reply (both capped per sender)."""
+        log.warning(
+            "refused %s claiming to be %s: not authenticated (%s)", request_id, sender, verdict.reason
+        )
+        if self._mail_allowed("unauthenticated-alert", sender, 1):
+            self._alert_admins(
+                f"{request_id}-alert",
+                f"mensagem não autenticada em nome de {sender}",
+                [
+                    ("Remetente (From)", sender),
+                    ("Assunto", masked),
+                    ("Message-ID", msg.message_id or "(nenhum)"),
+                    ("Verificação", verdict.reason),
+                ],
+                "O servidor de e-mail não confirmou (DMARC/DKIM) que a mensagem veio do domínio do "
+                "remetente. Se foi mesmo enviada por ele, veja no README o que fazer; se não, alguém "
+                "está forjando o endereço. Alertas iguais para este remetente ficam suspensos por 1 hora.",
+            )
+        return self._refuse(
+            msg,
+            request_id,
+            sender,
+            masked,
+            "Comando recusado: mensagem não autenticada",
+            "não foi possível confirmar que a mensagem foi enviada por este endereço "
+            "(o servidor de e-mail não a autenticou por DKIM/DMARC)",
+            "Se foi você quem enviou, mande o comando direto da sua conta de e-mail corporativa, sem "
+            "encaminhar nem usar outro serviço de envio, e avise os administradores se o erro continuar. "
+            "Se não foi você, avise os administradores: alguém está usando o seu endereço.",
+        )
+
+    def _refuse_token(
+        self, msg: Incoming, request_id: str, sender: str, masked: str, exc: AuthError, found
+    ) -> str:
+        """A bad token from an authenticated, whitelisted sender: count it (lock-out), tell
+        the admins with the requester in copy (the legacy "Token Invalido"), capped."""
+        code = exc.detail
+        failure = self.throttle.failure(sender)
+        log.warning(
+            "rejected %s from %s: token %s%s (%d in the window; %d from all senders)",
+            request_id,
+            sender,
+            code,
+            f" ({exc.token_id})" if exc.token_id else "",
+            failure.count,
+            failure.total,
+        )
+        if failure.started_lockout:
+            until = time.strftime("%d/%m/%Y %H:%M UTC", time.gmtime(failure.locked_until))
+            self._alert_admins(
+                f"{request_id}-lockout",
+                f"remetente {sender} bloqueado por tokens inválidos",
+                [
+                    ("Remetente", sender),
+                    (
+                        "Tentativas",
+                        f"{self.cfg.lockout_failures} em {self.cfg.lockout_window_minutes:g} minutos",
+                    ),
+                    ("Bloqueado até", until),
+                    ("Último assunto", masked),
+                ],
+                "Durante o bloqueio, os comandos deste remetente são recusados sem verificar o token. "
+                "Para desbloquear antes: athome token unlock " + sender,
+            )
+        if failure.total >= self.cfg.flood_alert:
+            if self._mail_allowed("flood-alert", "*", 1):
+                self._alert_admins(
+                    f"{request_id}-flood",
+                    "muitas tentativas com token inválido",
+                    [
+                        ("Tentativas", f"{failure.total} em {self.cfg.lockout_window_minutes:g} minutos"),
+                        ("Último remetente", sender),
+                    ],
+                    "Os avisos de token inválido estão suspensos por 1 hora; "
+                    "o log do serviço registra cada tentativa.",
+                )
+            return "ignored"
+        if code == "malformed" and found.problem == "malformed":
+            problem = found.hint
+        else:
+            problem = TOKEN_PROBLEMS.get(code, TOKEN_PROBLEMS["unknown"])
+        if not self._mail_allowed("token-alert", sender, MAX_TOKEN_ALERTS_PER_HOUR):
+            return "ignored"
+        self._queue_reply(
+            f"{request_id}-reply",
+            "token_invalid",
+            to=self.cfg.admin_addresses,
+            cc=[sender],
+            msg=msg,
+            sender=sender,
+            subject=masked,
+            problem=problem,
+            lockout_failures=self.cfg.lockout_failures,
+            lockout_window=f"{self.cfg.lockout_window_minutes:g}",
+            lockout_cooldown=f"{self.cfg.lockout_cooldown_minutes:g}",
+        )
+        return "replied"
 
     def _answer_directly(self, cmd: Command, sender: str, msg: Incoming, request_id: str, admin: bool):
         if cmd.name == "HELP":

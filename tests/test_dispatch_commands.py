@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email
 import time
-from email.message import EmailMessage
 from email.policy import default as default_policy
 
 import pytest
@@ -18,6 +17,7 @@ from dispatcher import config
 from dispatcher.auth import TokenStore
 from dispatcher.service import Dispatcher
 from tests import servers
+from tests.messages import AUTH, command_message
 from tests.test_macchange_playbook import MacHost
 
 REQUESTER = "ana@example.test"
@@ -28,7 +28,7 @@ class Site:
         self.workdir = workdir
         self.inventory_path = inventory_path
         self.tokens = TokenStore(workdir / "tokens.json")
-        _, self.token = self.tokens.add("dispatch tests")
+        _, self.token = self.tokens.add("dispatch tests", senders=[REQUESTER])
         self.cfg = config.from_dict(
             {
                 "state_dir": str(workdir / "state"),
@@ -39,7 +39,7 @@ class Site:
                     "admin_addresses": ["admin@example.test"],
                     "maildir": {"inbox": str(workdir / "inbox"), "outbox": str(workdir / "outbox")},
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": str(self.tokens.path)},
+                "auth": {"senders": [REQUESTER], "tokens_file": str(self.tokens.path), **AUTH},
                 "worker": {"retry_backoff": [0]},
             },
             base=workdir,
@@ -49,11 +49,9 @@ class Site:
 
     def send(self, command: str) -> None:
         self.n += 1
-        msg = EmailMessage()
-        msg["From"] = REQUESTER
-        msg["Subject"] = f"[{self.token}] {command}"
-        msg["Message-ID"] = f"<c{self.n}.{time.time()}@example.test>"
-        msg.set_content("x")
+        msg = command_message(
+            f"[{self.token}] {command}", REQUESTER, f"<c{self.n}.{time.time()}@example.test>"
+        )
         self.dispatcher._inbox_factory().box.add(msg)
 
     def replies(self) -> list:

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 
 from dispatcher.auth import TokenStore
 from tests import servers
+from tests.messages import AUTH, command_message
 
 USER = "service@example.test"
 IMAP_PASSWORD = "imap-test-password"
@@ -65,14 +65,9 @@ def athome(
     return proc
 
 
-def command_email(subject: str, sender: str = REQUESTER, msgid: str = "<cmd-1@example.test>") -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"Ana <{sender}>"
-    msg["To"] = USER
-    msg["Subject"] = subject
-    msg["Message-ID"] = msgid
-    msg.set_content("enviado pelo celular")
-    return msg.as_bytes()
+def command_email(subject: str, sender: str = REQUESTER, msgid: str = "<cmd-1@example.test>", **kw) -> bytes:
+    """As the receiving server delivers it: with its Authentication-Results (see tests/messages.py)."""
+    return command_message(subject, sender, msgid, display="Ana", **kw).as_bytes()
 
 
 @pytest.fixture
@@ -92,7 +87,7 @@ def site(workdir, sshd, dovecot, smtp, fail2ban_factory):
         conn,
     )
     tokens = TokenStore(workdir / "tokens.json")
-    _, token = tokens.add("e2e")
+    _, token = tokens.add("e2e", senders=[REQUESTER])
     cfg = workdir / "athome.yml"
     cfg.write_text(
         yaml.safe_dump(
@@ -119,7 +114,7 @@ def site(workdir, sshd, dovecot, smtp, fail2ban_factory):
                         "cafile": str(dovecot.cert),
                     },
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": str(tokens.path)},
+                "auth": {"senders": [REQUESTER], "tokens_file": str(tokens.path), **AUTH},
                 "worker": {"retry_backoff": [0], "poll_interval": 1},
             }
         )
@@ -128,7 +123,14 @@ def site(workdir, sshd, dovecot, smtp, fail2ban_factory):
     subprocess.run(
         ["doveadm", "-c", str(dovecot.conf), "expunge", "-u", USER, "mailbox", "INBOX", "all"], check=True
     )
-    return {"cfg": cfg, "token": token, "f2b": f2b, "state": workdir / "state", "workdir": workdir}
+    return {
+        "cfg": cfg,
+        "token": token,
+        "tokens": tokens,
+        "f2b": f2b,
+        "state": workdir / "state",
+        "workdir": workdir,
+    }
 
 
 def replies(smtp) -> list[email.message.EmailMessage]:
@@ -230,7 +232,7 @@ def test_sender_not_on_the_whitelist_gets_no_reply_at_all(site, dovecot, smtp):
     athome(site["cfg"], "poll", "--once")
     assert smtp.messages == []
     assert dovecot.fetch_flags(USER) == ["\\Seen"], "handled (ignored), not fetched again and again"
-    assert "not allowed" in (site["cfg"].parent / "cli.log").read_text()
+    assert "not on the whitelist" in (site["cfg"].parent / "cli.log").read_text()
 
 
 def test_a_crash_before_the_message_is_flagged_does_not_queue_it_twice(site, dovecot, smtp):

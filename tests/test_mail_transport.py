@@ -50,6 +50,25 @@ def test_imap_fetch_does_not_mark_seen_until_ack(dovecot, security):
         assert inbox.fetch() == []
 
 
+def test_a_real_gmail_message_over_imap_keeps_its_authentication_results_unfolded(dovecot):
+    import subprocess
+    from pathlib import Path
+
+    subprocess.run(
+        ["doveadm", "-c", str(dovecot.conf), "expunge", "-u", USER, "mailbox", "INBOX", "all"], check=True
+    )
+    dovecot.deliver(USER, (Path(__file__).parent / "fixtures" / "mail" / "gmail_command.eml").read_bytes())
+    settings = IMAPSettings(
+        host="127.0.0.1", port=dovecot.imap_port, security="plain", user=USER, password=PASSWORD
+    )
+    with IMAPInbox(settings) as inbox:
+        [msg] = inbox.fetch()
+    assert msg.from_header == "=?UTF-8?Q?Jos=C3=A9_da_Silva_=28NOC_ATHome=29?= <jose@athome.example.com.br>"
+    assert msg.date == "Sat, 29 Nov 2025 12:31:01 -0300"
+    [results] = msg.auth_results
+    assert results.startswith("mx.google.com;") and "dmarc=pass" in results and "\n" not in results
+
+
 def test_imap_wrong_password_is_a_transport_error(dovecot):
     settings = IMAPSettings(
         host="127.0.0.1", port=dovecot.imap_port, security="plain", user=USER, password="wrong"

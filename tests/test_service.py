@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from email.message import EmailMessage
 
 import pytest
 
@@ -12,6 +11,7 @@ from dispatcher import config
 from dispatcher.auth import TokenStore
 from dispatcher.errors import AthomeError
 from dispatcher.service import Dispatcher
+from tests.messages import AUTH, command_message
 
 REPO_INVENTORY = os.path.join(os.path.dirname(__file__), "..", "inventory", "demo")
 
@@ -19,9 +19,9 @@ REPO_INVENTORY = os.path.join(os.path.dirname(__file__), "..", "inventory", "dem
 @pytest.fixture
 def make(tmp_path):
     tokens = TokenStore(tmp_path / "tokens.json")
-    _, token = tokens.add("svc")
+    _, token = tokens.add("svc", senders=["ana@example.test"])
 
-    def build() -> Dispatcher:
+    def build(**auth) -> Dispatcher:
         cfg = config.from_dict(
             {
                 "state_dir": str(tmp_path / "state"),
@@ -32,7 +32,7 @@ def make(tmp_path):
                     "admin_addresses": ["admin@example.test"],
                     "maildir": {"inbox": str(tmp_path / "in"), "outbox": str(tmp_path / "out")},
                 },
-                "auth": {"senders": ["ana@example.test"], "tokens_file": str(tokens.path)},
+                "auth": {"senders": ["ana@example.test"], "tokens_file": str(tokens.path), **AUTH, **auth},
                 "worker": {"retention_days": 30},
             },
             base=tmp_path,
@@ -44,13 +44,8 @@ def make(tmp_path):
     return build
 
 
-def drop(d: Dispatcher, subject: str, msgid: str) -> None:
-    m = EmailMessage()
-    m["From"] = "ana@example.test"
-    m["Subject"] = subject
-    m["Message-ID"] = msgid
-    m.set_content("x")
-    d._inbox_factory().box.add(m)
+def drop(d: Dispatcher, subject: str, msgid: str, **kw) -> None:
+    d._inbox_factory().box.add(command_message(subject, msgid=msgid, **kw))
 
 
 def test_only_one_process_works_the_queue(make):
@@ -304,7 +299,8 @@ def test_check_with_a_deployment_config_flags_placeholder_addresses(tmp_path):
         "inventory: inventory/production\n"
         "mail:\n  transport: maildir\n  from_address: ops@example.test\n  admin_addresses: [a@example.test]\n"
         f"  maildir: {{inbox: {tmp_path}/in, outbox: {tmp_path}/out}}\n"
-        f"auth: {{senders: [a@example.test], tokens_file: {tmp_path}/t.json}}\n"
+        f"auth: {{senders: [a@example.test], tokens_file: {tmp_path}/t.json,\n"
+        "  authentication_results: {trusted_authserv_ids: [mx.google.com]}}\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "check"],
@@ -319,7 +315,7 @@ def test_check_with_a_deployment_config_flags_placeholder_addresses(tmp_path):
 def test_bad_token_alerts_are_capped_per_sender_and_hour(make):
     from dispatcher.service import MAX_TOKEN_ALERTS_PER_HOUR
 
-    d = make()
+    d = make(lockout={"failures": 100})  # the cap alone, no lock-out
     for i in range(MAX_TOKEN_ALERTS_PER_HOUR + 3):
         drop(d, f"[{i:08X}] CHECKIP=3.3.3.3", f"<guess{i}@x>")
     counts = d.poll_once()
