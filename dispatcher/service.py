@@ -157,9 +157,17 @@ class Dispatcher:
     # --------------------------------------------------------------- intake
 
     def poll_once(self) -> dict[str, int]:
-        """One intake pass over the unseen messages; then send what is due."""
+        """Intake passes until every unseen message is handled; then send what is due."""
+        total: dict[str, int] = {}
         with self._inbox_factory() as inbox:
-            return self._intake_pass(inbox)
+            while True:
+                counts = self._intake_pass(inbox)
+                for k, v in counts.items():
+                    total[k] = total.get(k, 0) + v
+                if not counts.get("deferred"):
+                    total.pop("deferred", None)  # a deferred message is fetched again: count it once
+                    total["fetched"] = sum(total[k] for k in ("queued", "replied", "ignored", "failed"))
+                    return total
 
     def intake_forever(self, stop: threading.Event) -> None:
         """Intake until `stop`: over IMAP one session at a time, waking up in IDLE as soon
@@ -170,7 +178,8 @@ class Dispatcher:
                 with self._inbox_factory() as inbox:
                     opened = time.monotonic()
                     while not stop.is_set() and time.monotonic() - opened < SESSION_MAX:
-                        self._intake_pass(inbox)
+                        if self._intake_pass(inbox).get("deferred"):
+                            continue  # suspect mail left for the next pass: fetch again now
                         if hasattr(inbox, "wait"):
                             inbox.wait(self.cfg.poll_interval)
                         else:
@@ -197,12 +206,14 @@ class Dispatcher:
         if genuine:
             self.flush_outbox()
         started = time.monotonic()
-        for msg in suspect:
-            if time.monotonic() - started > PRIORITY_BUDGET:
-                counts["deferred"] = counts.get("deferred", 0) + 1
-                continue
-            self._handle(inbox, msg, counts)
+        for n, msg in enumerate(suspect):
+            self._handle(inbox, msg, counts)  # at least one per pass: every pass makes progress
+            if time.monotonic() - started > PRIORITY_BUDGET and n + 1 < len(suspect):
+                counts["deferred"] = len(suspect) - n - 1
+                break
         self.flush_outbox()
+        if counts["fetched"]:
+            log.info("intake pass: %s", counts)
         return counts
 
     def _looks_genuine(self, msg: Incoming) -> bool:
@@ -296,13 +307,16 @@ class Dispatcher:
         record = {"request_id": request_id, "at": time.time()}
         if decided:
             record["decided"] = decided
-        tmp.write_text(json.dumps(record))
-        if decided:
-            os.replace(tmp, marker)
-            return
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(record).encode())
+            if not decided:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, marker)
+        if decided:
+            return
         fd = os.open(marker.parent, os.O_RDONLY)
         try:
             os.fsync(fd)

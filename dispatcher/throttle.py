@@ -47,6 +47,7 @@ class Throttle:
         self.limit, self.window, self.cooldown = limit, window, cooldown
         self._total: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[int, dict]] = {}  # path -> (mtime_ns, data): a stat, not a read
         (self.root / "senders").mkdir(parents=True, exist_ok=True)
         (self.root / "caps").mkdir(parents=True, exist_ok=True)
 

@@ -341,3 +341,26 @@ def test_a_reply_left_in_processing_by_a_dead_sender_is_sent_by_a_later_work_pas
     os.utime(path, (time.time() - OUTBOX_STALE_AFTER - 5,) * 2)
     d.work_once()
     assert [r.id for r in d.outbox.list("done")] == [item.id]
+
+
+def test_genuine_mail_is_handled_before_a_flood_and_nothing_is_left_behind(make, monkeypatch):
+    from dispatcher import service
+
+    d = make()
+    for i in range(4):
+        drop(d, f"[{make.token}] CHECKIP=3.3.3.3", f"<forged{i}@x>", results=None)  # not authenticated
+    drop(d, f"[{make.token}] HELP", "<genuine@x>")
+    handled = []
+    real_handle = d._handle
+
+    def spy(inbox, msg, counts):
+        handled.append(msg.message_id)
+        real_handle(inbox, msg, counts)
+
+    monkeypatch.setattr(d, "_handle", spy)
+    monkeypatch.setattr(service, "PRIORITY_BUDGET", 0)  # one suspect message per pass
+    counts = d.poll_once()
+    assert handled[0] == "<genuine@x>", "the genuine command first"
+    assert sorted(handled[1:]) == [f"<forged{i}@x>" for i in range(4)], "each handled once"
+    assert counts["fetched"] == 5 and counts["replied"] == 5  # HELP + 4 refusals
+    assert d._inbox_factory().fetch() == []
