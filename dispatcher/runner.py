@@ -1,10 +1,16 @@
 """The ansible-runner bridge: run one playbook for one job, collect per-host results.
 
 The only module that imports ansible_runner. Every run gets a fresh private
-data dir (reusing one leaks extravars between jobs: ansible-runner #493,
-#1440), `suppress_env_files=True`, a timeout, and an artifact dir that is
+data dir, mode 0700 (reusing one leaks extravars between jobs: ansible-runner
+#493, #1440), `suppress_env_files=True`, a timeout, and an artifact dir that is
 scrubbed of the environment ansible-runner records (the `command` file holds
-the whole process environment, secrets included).
+the whole process environment).
+
+Extravars never go on the command line (every local user reads
+/proc/<pid>/cmdline): they are written to <private data dir>/env/extravars,
+mode 0600, which ansible-runner passes as `-e @file`. Every string in them is
+tagged `!unsafe`, so text from an email (`{{ 7*7 }}@example.com`) reaches the
+playbook as it is and is never templated.
 
 Playbooks report what they did with `ansible.builtin.set_stats` under the key
 `athome_report`, one entry per host (`aggregate: true` merges them). That is
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +40,42 @@ PLAYBOOK_DIR = REPO_ROOT / "playbooks"
 REPORT_KEY = "athome_report"
 
 # Files ansible-runner leaves in an artifact dir that can carry the environment
-# or the command line (extravars); they are removed after every run.
+# (`command` records it whole) or facts; they are removed after every run.
 _SENSITIVE_ARTIFACTS = ("command", "env", "fact_cache")
+
+
+class _Unsafe(str):
+    """A string written with the `!unsafe` tag: Ansible uses it as it is, never templates it."""
+
+
+class _ExtravarsDumper(yaml.SafeDumper):
+    pass
+
+
+_ExtravarsDumper.add_representer(_Unsafe, lambda dumper, s: dumper.represent_scalar("!unsafe", str(s)))
+
+
+def _unsafe(value):
+    """Tag every string value (in nested dicts and lists too); keys stay plain."""
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if isinstance(value, dict):
+        return {k: _unsafe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unsafe(v) for v in value]
+    return value
+
+
+def write_extravars(private_data_dir: str | os.PathLike, extravars: dict) -> Path:
+    """Write <private_data_dir>/env/extravars (YAML, mode 0600), every string `!unsafe`."""
+    env_dir = Path(private_data_dir) / "env"
+    env_dir.mkdir(mode=0o700, exist_ok=True)
+    path = env_dir / "extravars"
+    text = yaml.dump(_unsafe(dict(extravars)), Dumper=_ExtravarsDumper, allow_unicode=True, sort_keys=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
 
 
 @dataclass
@@ -145,6 +186,8 @@ def run_playbook(
     # to this interpreter even when the venv is not activated.
     bindir = os.path.dirname(sys.executable)
     with tempfile.TemporaryDirectory(prefix="athome-run-") as pdd:
+        # ansible-runner adds `-e @<pdd>/env/extravars` itself when the file exists.
+        write_extravars(pdd, extravars or {})
         cp_dir = tempfile.mkdtemp(prefix="cp-", dir=pdd)
         env = base_envvars(cp_dir)
         env.update(envvars or {})
@@ -155,7 +198,6 @@ def run_playbook(
             project_dir=str(REPO_ROOT),
             playbook=str(path),
             inventory=str(Path(inventory).resolve()),
-            extravars=extravars or {},
             limit=limit,
             forks=forks,
             cmdline=" ".join(cmdline) or None,
