@@ -93,6 +93,11 @@ class Config:
         return self.state_dir / "artifacts"
 
     @property
+    def run_dir(self) -> Path:
+        """Private data dirs of the playbook runs in progress (removed after each run)."""
+        return self.state_dir / "run"
+
+    @property
     def log_dir(self) -> Path:
         return self.state_dir / "log"
 

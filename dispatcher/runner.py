@@ -10,7 +10,9 @@ Extravars never go on the command line (every local user reads
 /proc/<pid>/cmdline): they are written to <private data dir>/env/extravars,
 mode 0600, which ansible-runner passes as `-e @file`. Every string in them is
 tagged `!unsafe`, so text from an email (`{{ 7*7 }}@example.com`) reaches the
-playbook as it is and is never templated.
+playbook as it is and is never templated. The dispatcher keeps its private
+data dirs under state/run/ (not /tmp), so what a killed run leaves behind is
+found and removed at the next start (`scrub_private_dirs`).
 
 Playbooks report what they did with `ansible.builtin.set_stats` under the key
 `athome_report`, one entry per host (`aggregate: true` merges them). That is
@@ -42,6 +44,11 @@ REPORT_KEY = "athome_report"
 # Files ansible-runner leaves in an artifact dir that can carry the environment
 # (`command` records it whole) or facts; they are removed after every run.
 _SENSITIVE_ARTIFACTS = ("command", "env", "fact_cache")
+RUN_PREFIX = "athome-run-"
+# ssh's ControlPath is <dir>/<10 hex>, plus a 17-character suffix while the master starts,
+# and a socket path holds at most 107 bytes: when <pdd>/cp-XXXXXXXX would be longer than
+# this, the run's sockets go to a dir in the system tmp instead (sockets only, no secret).
+_MAX_CONTROL_DIR = 79
 
 
 class _Unsafe(str):
@@ -76,6 +83,16 @@ def write_extravars(private_data_dir: str | os.PathLike, extravars: dict) -> Pat
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def _private_data_dir(private_root: str | os.PathLike | None) -> str:
+    """A fresh 0700 dir: under private_root (created 0700) or, without one, in the system tmp."""
+    if private_root is None:
+        return tempfile.mkdtemp(prefix=RUN_PREFIX)
+    root = Path(private_root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    return tempfile.mkdtemp(prefix=RUN_PREFIX, dir=root)
 
 
 @dataclass
@@ -167,11 +184,14 @@ def run_playbook(
     artifacts_dir: str | os.PathLike | None = None,
     ident: str | None = None,
     envvars: dict[str, str] | None = None,
+    private_root: str | os.PathLike | None = None,
 ) -> PlaybookResult:
     """Run playbooks/<playbook> and return what happened on each host.
 
     `artifacts_dir` keeps the (scrubbed) stdout and job events of the run under
-    artifacts_dir/<ident>; without it nothing is kept.
+    artifacts_dir/<ident>; without it nothing is kept. `private_root` is where
+    the run's private data dir is made (removed after the run); without it,
+    the system's tmp.
     """
     started = time.monotonic()
     path = PLAYBOOK_DIR / playbook
@@ -185,10 +205,12 @@ def run_playbook(
     # ansible-runner starts `ansible-playbook` from PATH: make it the one next
     # to this interpreter even when the venv is not activated.
     bindir = os.path.dirname(sys.executable)
-    with tempfile.TemporaryDirectory(prefix="athome-run-") as pdd:
+    pdd = _private_data_dir(private_root)
+    cp_parent = pdd if len(os.path.join(pdd, "cp-XXXXXXXX")) <= _MAX_CONTROL_DIR else None
+    cp_dir = tempfile.mkdtemp(prefix="cp-" if cp_parent else "athome-cp-", dir=cp_parent)
+    try:
         # ansible-runner adds `-e @<pdd>/env/extravars` itself when the file exists.
         write_extravars(pdd, extravars or {})
-        cp_dir = tempfile.mkdtemp(prefix="cp-", dir=pdd)
         env = base_envvars(cp_dir)
         env.update(envvars or {})
         env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
@@ -212,6 +234,9 @@ def run_playbook(
         _close_control_masters(cp_dir)
         if artifacts_dir is not None:
             _keep_artifacts(Path(runner.config.artifact_dir), Path(artifacts_dir))
+    finally:
+        shutil.rmtree(pdd, ignore_errors=True)
+        shutil.rmtree(cp_dir, ignore_errors=True)
     result.elapsed = time.monotonic() - started
     log.info(
         "playbook %s finished: status=%s rc=%s hosts=%s in %.1fs",
@@ -285,6 +310,27 @@ def _keep_artifacts(src: Path, dest_root: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
+
+
+def scrub_private_dirs(root: str | os.PathLike) -> int:
+    """Remove the private data dirs a killed run left under root; returns how many went.
+
+    They hold the run's extravars and, in artifacts/*/command, its environment. Only
+    for the process that runs the playbooks there, before it runs any (at start).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for entry in root.glob(RUN_PREFIX + "*"):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        for cp_dir in entry.glob("cp-*"):
+            _close_control_masters(str(cp_dir))
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed += 1
+    return removed
 
 
 def prune_artifacts(root: str | os.PathLike, max_age_days: float) -> int:

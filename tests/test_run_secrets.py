@@ -2,14 +2,18 @@
 
 - Extravars go to <private data dir>/env/extravars (0600, every string `!unsafe`),
   never on the ansible-playbook command line that every local user can read.
+- Private data dirs live under state/run/ and what a killed service left there is
+  removed at the next start.
 
 Real parts: sshd on loopback, ansible-runner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email
 import json
+import os
 import stat
 import time
 from email.message import EmailMessage
@@ -24,10 +28,28 @@ from dispatcher.service import Dispatcher
 from tests import servers
 
 REQUESTER = "ana@example.test"
+# Stands for the rest of the service's environment: kept artifacts must not record it.
+CANARY_VAR, CANARY = "ATHOME_TEST_ENV_CANARY", "canary-4b1d-environment"
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def files_under(root: Path) -> list[Path]:
+    return [Path(d, f) for d, _dirs, files in os.walk(root) for f in files]
+
+
+def holders(root: Path, needles: list[str], skip: tuple[Path, ...] = ()) -> list[str]:
+    """Every file under root (skip excepted) that contains one of the needles."""
+    found = []
+    for path in files_under(root):
+        if path in skip:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            data = path.read_bytes()
+            found += [f"{path.relative_to(root)}: {n}" for n in needles if n.encode() in data]
+    return found
 
 
 # ------------------------------------------------------------------ unit: extravars file
@@ -61,6 +83,44 @@ def test_extravars_file_tags_every_string_unsafe_and_is_private(tmp_path):
     assert all(not isinstance(k, AnsibleUnsafeText) for k in loaded), "keys stay plain"
     assert loaded["count"] == 3 and loaded["check"] is True and loaded["nothing"] is None
     assert "!unsafe '{{ 7*7 }}@example.com'" in path.read_text()
+
+
+def test_scrub_removes_only_leftover_run_dirs(tmp_path):
+    root = tmp_path / "run"
+    assert runner.scrub_private_dirs(root) == 0, "no root yet: nothing to do"
+    left = root / "athome-run-abc123"
+    (left / "artifacts" / "job-1").mkdir(parents=True)
+    (left / "artifacts" / "job-1" / "command").write_text('{"env": {"X": "y"}}')
+    (left / "env").mkdir()
+    (left / "env" / "extravars").write_text("a: 1\n")
+    other = root / "not-ours"
+    other.mkdir()
+    assert runner.scrub_private_dirs(root) == 1
+    assert not left.exists() and other.is_dir()
+
+
+def test_a_run_under_private_root_leaves_nothing_and_keeps_no_environment(tmp_path, monkeypatch):
+    """audios.yml refused on localhost (no host needed): the private dir goes, the kept
+    artifacts hold neither the recorded environment nor the extravars file."""
+    monkeypatch.setenv(CANARY_VAR, CANARY)
+    root, kept = tmp_path / "state" / "run", tmp_path / "state" / "artifacts"
+    inventory = servers.write_inventory(tmp_path / "inv.yml", {"sip_servers": {}})
+    result = runner.run_playbook(
+        "audios.yml",
+        inventory=inventory,
+        extravars={"server": "nowhere", "request_id": "req-priv-1", "requester": "{{ 7*7 }}@x.example"},
+        timeout=120,
+        artifacts_dir=kept,
+        ident="req-priv-1-1",
+        private_root=root,
+    )
+    errors = result.errors + [e for h in result.hosts.values() for e in h.errors]
+    assert result.status == "failed" and "Bad request" in " ".join(errors), result.to_dict()
+    assert root.is_dir() and mode(root) == 0o700 and list(root.iterdir()) == []
+    names = {p.name for p in (kept / "req-priv-1-1").iterdir()}
+    assert "stdout" in names and "job_events" in names
+    assert not names & {"command", "env", "fact_cache"}, names
+    assert holders(kept, [CANARY]) == []
 
 
 # ------------------------------------------------------------------ through the dispatcher
