@@ -25,8 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
-from email.message import EmailMessage
+from datetime import date, datetime
 from email.policy import default as default_policy
 from pathlib import Path
 
@@ -34,7 +33,6 @@ import pytest
 import yaml
 
 from dispatcher import config, runner
-from dispatcher.auth import TokenStore
 from dispatcher.errors import ConfigError
 from dispatcher.jobqueue import DirQueue
 from dispatcher.service import Dispatcher
@@ -52,7 +50,7 @@ CANARY_VAR, CANARY = "ATHOME_TEST_ENV_CANARY", "canary-4b1d-environment"
 BUCKET, RESULTS = "athome-secrets-voip1", "athome-secrets-results"
 DAY = date(2025, 11, 4)
 CALLS = rs.generate_calls([DAY], 60, seed=11)
-WINDOW = ("04/11/2025 00:00", "04/11/2025 23:59")
+WINDOW = ("2025-11-04 00:00", "2025-11-04 23:59")  # as intake queues it (ISO)
 
 
 def mode(path: Path) -> int:
@@ -359,12 +357,12 @@ def seeded_s3(s3_server):
 
 
 class Site:
-    """A Dispatcher in this process on the Maildir transport (as tests/test_dispatch_commands.py)."""
+    """A Dispatcher in this process on the Maildir transport (as tests/test_dispatch_commands.py).
+
+    Jobs are queued directly, as intake would queue them: what is under test is the run."""
 
     def __init__(self, workdir: Path, inventory: Path):
         self.workdir = workdir
-        tokens = TokenStore(workdir / "tokens.json")
-        _, self.token = tokens.add("secrets tests")
         self.cfg = config.from_dict(
             {
                 "state_dir": str(workdir / "state"),
@@ -375,20 +373,12 @@ class Site:
                     "admin_addresses": ["admin@example.test"],
                     "maildir": {"inbox": str(workdir / "inbox"), "outbox": str(workdir / "outbox")},
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": str(tokens.path)},
+                "auth": {"senders": [REQUESTER], "tokens_file": str(workdir / "tokens.json")},
                 "worker": {"retry_backoff": [0], "playbook_timeout": 300},
             },
             base=workdir,
         )
         self.dispatcher = Dispatcher(self.cfg)
-
-    def send(self, command: str) -> None:
-        msg = EmailMessage()
-        msg["From"] = REQUESTER
-        msg["Subject"] = f"[{self.token}] {command}"
-        msg["Message-ID"] = f"<secrets.{time.time()}@example.test>"
-        msg.set_content("x")
-        self.dispatcher._inbox_factory().box.add(msg)
 
     def result_text(self) -> str:
         box = self.workdir / "outbox"
@@ -397,9 +387,21 @@ class Site:
             for sub in ("new", "cur")
             for p in (box / sub).glob("*")
         ]
-        results = [m for m in texts if "recebido" not in m["Subject"]]
-        assert len(results) == 1, [m["Subject"] for m in texts]
-        return results[0].get_body(("plain",)).get_content()
+        assert len(texts) == 1, [m["Subject"] for m in texts]
+        return texts[0].get_body(("plain",)).get_content()
+
+
+def ramais_job(server: str, requester: str, start: str, end: str) -> dict:
+    """The job intake queues for `RAMAIS=1121 SERVER=<server> INICIO=<start> FIM=<end>`."""
+    shown = [datetime.strptime(t, "%Y-%m-%d %H:%M").strftime("%d/%m/%Y %H:%M") for t in (start, end)]
+    return {
+        "command": "RAMAIS",
+        "params": {"extensions": ["1121"], "server": server, "start": start, "end": end},
+        "command_text": f"RAMAIS=1121 SERVER={server} INICIO={shown[0]} FIM={shown[1]}",
+        "requester": requester,
+        "message_id": f"<{time.time()}@example.test>",
+        "references": "",
+    }
 
 
 def test_s3_ramais_run_shows_no_secret_to_any_process_or_artifact(workdir, seeded_s3, aws_env):
@@ -413,9 +415,7 @@ def test_s3_ramais_run_shows_no_secret_to_any_process_or_artifact(workdir, seede
     site = Site(workdir, s3_inventory(workdir / "inventory" / "hosts.yml", s3.endpoint))
     assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(site.cfg.state_dir / "aws" / "credentials")
 
-    site.send(f"RAMAIS=1121 SERVER=voip1 INICIO={WINDOW[0]} FIM={WINDOW[1]}")
-    assert site.dispatcher.poll_once()["queued"] == 1
-    [job] = site.dispatcher.jobs.list("pending")
+    job = site.dispatcher.jobs.put(ramais_job("voip1", REQUESTER, *WINDOW))
     with ProcSampler(os.getpid()) as sampler:
         assert site.dispatcher.work_once() == 1
 
@@ -424,7 +424,7 @@ def test_s3_ramais_run_shows_no_secret_to_any_process_or_artifact(workdir, seede
         "the sampler reads the environments it checks"
     )
     # The run worked with the keys from the file: a presigned link to the ZIP.
-    want = rs.expected(CALLS, ["1121"], "2025-11-04 00:00", "2025-11-04 23:59")
+    want = rs.expected(CALLS, ["1121"], *WINDOW)
     text = site.result_text()
     assert want and f"{len(want)} gravações" in text, text
     assert f"{s3.endpoint}/{RESULTS}/ramais/" in text
@@ -468,21 +468,7 @@ def legacy_site(sshd, workdir):
 def test_a_requester_that_looks_like_a_template_reaches_the_host_literally(legacy_site):
     site, queue = legacy_site
     requester = "{{7*7}}@example.com"  # the whitelist would refuse it; the job is built directly
-    job = site.dispatcher.jobs.put(
-        {
-            "command": "RAMAIS",
-            "params": {
-                "extensions": ["1121"],
-                "server": "gv1p",
-                "start": "2025-11-03 08:00",
-                "end": "2025-11-04 18:30",
-            },
-            "command_text": "RAMAIS=1121 SERVER=gv1p INICIO=03/11/2025 08:00 FIM=04/11/2025 18:30",
-            "requester": requester,
-            "message_id": "<tpl@example.test>",
-            "references": "",
-        }
-    )
+    job = site.dispatcher.jobs.put(ramais_job("gv1p", requester, "2025-11-03 08:00", "2025-11-04 18:30"))
     assert site.dispatcher.work_once() == 1
     done = [j.id for j in site.dispatcher.jobs.list("done")]
     assert done == [job.id], [j.result for j in site.dispatcher.jobs.list("failed")]
@@ -563,8 +549,6 @@ def test_a_service_killed_mid_run_leaves_no_secret_and_the_next_start_removes_it
     smtp = submission.reset()
     stall = StallServer()
     inventory = s3_inventory(workdir / "inventory" / "hosts.yml", f"http://127.0.0.1:{stall.port}")
-    tokens = TokenStore(workdir / "tokens.json")
-    tokens.add("killed")
     cfg_path = workdir / "athome.yml"
     cfg_path.write_text(
         yaml.safe_dump(
@@ -597,21 +581,7 @@ def test_a_service_killed_mid_run_leaves_no_secret_and_the_next_start_removes_it
         )
     )
     state = workdir / "state"
-    job = DirQueue(state / "queue").put(
-        {
-            "command": "RAMAIS",
-            "params": {
-                "extensions": ["1121"],
-                "server": "voip1",
-                "start": "2025-11-04 00:00",
-                "end": "2025-11-04 23:59",
-            },
-            "command_text": f"RAMAIS=1121 SERVER=voip1 INICIO={WINDOW[0]} FIM={WINDOW[1]}",
-            "requester": REQUESTER,
-            "message_id": "<killed@example.test>",
-            "references": "",
-        }
-    )
+    job = DirQueue(state / "queue").put(ramais_job("voip1", REQUESTER, *WINDOW))
     env = dict(
         os.environ,
         ATHOME_TEST_IMAP_PW=IMAP_PASSWORD,
