@@ -7,12 +7,22 @@ secret is named by `<name>_env` (an environment variable) or `<name>_file`
 the environment variables from os.environ, so child processes (ansible,
 ssh) and ansible-runner's artifacts never see them.
 
+S3 keys are read by boto3 inside a playbook, so they must reach it without
+sitting in any process's environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+/ AWS_SESSION_TOKEN found in os.environ are moved into
+<state_dir>/aws/credentials (0600, profile `default`) and only the path is left
+in AWS_SHARED_CREDENTIALS_FILE. `recordings.aws_credentials_file` names such a
+file directly instead.
+
 See config/athome.example.yml for every key with its meaning.
 """
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SECURITY = ("tls", "starttls", "plain")
 # Secrets taken out of os.environ by load(), so a second load in the same process still finds them.
 _TAKEN: dict[str, str] = {}
+# The standard-chain variables that carry S3 secrets, and their names in a credentials file.
+AWS_SECRET_VARS = {
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SESSION_TOKEN": "aws_session_token",
+}
 
 
 @dataclass
@@ -85,6 +101,7 @@ class Config:
     retention_days: float = 90.0
     poll_interval: float = 30.0
     brand: str = "ATHome"
+    aws_credentials_file: Path | None = None  # what AWS_SHARED_CREDENTIALS_FILE points to, if set here
     secret_problems: list[str] = field(default_factory=list)
 
     @property
@@ -102,6 +119,15 @@ class Config:
     @property
     def artifacts_dir(self) -> Path:
         return self.state_dir / "artifacts"
+
+    @property
+    def run_dir(self) -> Path:
+        """Private data dirs of the playbook runs in progress (removed after each run)."""
+        return self.state_dir / "run"
+
+    @property
+    def aws_dir(self) -> Path:
+        return self.state_dir / "aws"
 
     @property
     def log_dir(self) -> Path:
@@ -144,6 +170,69 @@ def _secret(section: dict[str, Any], name: str, where: str, problems: list[str])
             problems.append(f"{where}.{name}_file: cannot read {file_name}: {exc.strerror}")
             return ""
     return ""
+
+
+def write_aws_credentials(path: str | os.PathLike, keys: dict[str, str]) -> Path:
+    """Write a shared-credentials file (profile `default`) atomically, mode 0600 (its dir,
+    if it has to be made, 0700).
+
+    `keys` uses the file's names (aws_access_key_id, aws_secret_access_key, aws_session_token).
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    parser = configparser.RawConfigParser()
+    parser["default"] = keys
+    fd, tmp = tempfile.mkstemp(prefix=".credentials.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            parser.write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _cloud_credentials(cfg: Config, section: dict[str, Any], base: Path, problems: list[str]) -> None:
+    """Take the S3 keys out of the environment (every ansible process would inherit them)
+    and leave boto3 only the path of a 0600 credentials file (AWS_SHARED_CREDENTIALS_FILE)."""
+    taken = {name: os.environ.pop(name) for name in AWS_SECRET_VARS if name in os.environ}
+    explicit = _path(base, section.get("aws_credentials_file"))
+    if explicit is not None:
+        if taken:
+            problems.append(
+                f"recordings.aws_credentials_file: {', '.join(taken)} also set in the environment; "
+                "give the S3 keys one way only"
+            )
+        if not os.access(explicit, os.R_OK):
+            problems.append(f"recordings.aws_credentials_file: cannot read {explicit}")
+        cfg.aws_credentials_file = explicit
+    elif taken:
+        missing = [n for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if n not in taken]
+        if missing:
+            problems.append(
+                f"S3 credentials in the environment: {', '.join(taken)} without {', '.join(missing)}"
+            )
+            return
+        target = cfg.aws_dir / "credentials"
+        try:
+            cfg.aws_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(cfg.aws_dir, 0o700)
+            write_aws_credentials(target, {AWS_SECRET_VARS[n]: v for n, v in taken.items()})
+        except OSError as exc:
+            problems.append(f"S3 credentials: cannot write {target}: {exc.strerror}")
+            return
+        cfg.aws_credentials_file = target
+    if cfg.aws_credentials_file is not None:
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(cfg.aws_credentials_file)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -210,6 +299,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
         "auth",
         "commands",
         "worker",
+        "recordings",
         "brand",
     }
     for key in data:
@@ -337,6 +427,14 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
         problems.append("worker.max_attempts: must be at least 1")
     if not cfg.retry_backoff:
         problems.append("worker.retry_backoff: give at least one delay in seconds")
+    recordings = data.get("recordings") or {}
+    if not isinstance(recordings, dict):
+        problems.append("recordings: must be a mapping (aws_credentials_file: PATH)")
+        recordings = {}
+    for key in recordings:
+        if key != "aws_credentials_file":
+            problems.append(f"recordings: unknown key {key!r}")
+    _cloud_credentials(cfg, recordings, base, problems)
 
     # Missing secrets are reported by `athome check`, but only block commands that use them.
     cfg.secret_problems = [p for p in problems if "_env" in p or "_file" in p or "password (" in p]

@@ -76,7 +76,7 @@ def _recordings(root: Path) -> SeaweedSandbox | None:
     if not SeaweedSandbox.available():
         return None
     s3 = SeaweedSandbox(root / "s3").start()
-    os.environ.update(s3.credentials_env())
+    os.environ.update(s3.credentials_file())  # the keys in a 0600 file, not in the environment
     os.environ["ATHOME_DEMO_S3_ENDPOINT"] = s3.endpoint
     client = s3.client()
     client.create_bucket(Bucket="athome-demo-voip1")

@@ -1,10 +1,18 @@
 """The ansible-runner bridge: run one playbook for one job, collect per-host results.
 
 The only module that imports ansible_runner. Every run gets a fresh private
-data dir (reusing one leaks extravars between jobs: ansible-runner #493,
-#1440), `suppress_env_files=True`, a timeout, and an artifact dir that is
+data dir, mode 0700 (reusing one leaks extravars between jobs: ansible-runner
+#493, #1440), `suppress_env_files=True`, a timeout, and an artifact dir that is
 scrubbed of the environment ansible-runner records (the `command` file holds
-the whole process environment, secrets included).
+the whole process environment).
+
+Extravars never go on the command line (every local user reads
+/proc/<pid>/cmdline): they are written to <private data dir>/env/extravars,
+mode 0600, which ansible-runner passes as `-e @file`. Every string in them is
+tagged `!unsafe`, so text from an email (`{{ 7*7 }}@example.com`) reaches the
+playbook as it is and is never templated. The dispatcher keeps its private
+data dirs under state/run/ (not /tmp), so what a killed run leaves behind is
+found and removed at the next start (`scrub_private_dirs`).
 
 Playbooks report what they did with `ansible.builtin.set_stats` under the key
 `athome_report`, one entry per host (`aggregate: true` merges them). That is
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +42,57 @@ PLAYBOOK_DIR = REPO_ROOT / "playbooks"
 REPORT_KEY = "athome_report"
 
 # Files ansible-runner leaves in an artifact dir that can carry the environment
-# or the command line (extravars); they are removed after every run.
+# (`command` records it whole) or facts; they are removed after every run.
 _SENSITIVE_ARTIFACTS = ("command", "env", "fact_cache")
+RUN_PREFIX = "athome-run-"
+# ssh's ControlPath is <dir>/<10 hex>, plus a 17-character suffix while the master starts,
+# and a socket path holds at most 107 bytes: when <pdd>/cp-XXXXXXXX would be longer than
+# this, the run's sockets go to a dir in the system tmp instead (sockets only, no secret).
+_MAX_CONTROL_DIR = 79
+
+
+class _Unsafe(str):
+    """A string written with the `!unsafe` tag: Ansible uses it as it is, never templates it."""
+
+
+class _ExtravarsDumper(yaml.SafeDumper):
+    pass
+
+
+_ExtravarsDumper.add_representer(_Unsafe, lambda dumper, s: dumper.represent_scalar("!unsafe", str(s)))
+
+
+def _unsafe(value):
+    """Tag every string value (in nested dicts and lists too); keys stay plain."""
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if isinstance(value, dict):
+        return {k: _unsafe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unsafe(v) for v in value]
+    return value
+
+
+def write_extravars(private_data_dir: str | os.PathLike, extravars: dict) -> Path:
+    """Write <private_data_dir>/env/extravars (YAML, mode 0600), every string `!unsafe`."""
+    env_dir = Path(private_data_dir) / "env"
+    env_dir.mkdir(mode=0o700, exist_ok=True)
+    path = env_dir / "extravars"
+    text = yaml.dump(_unsafe(dict(extravars)), Dumper=_ExtravarsDumper, allow_unicode=True, sort_keys=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _private_data_dir(private_root: str | os.PathLike | None) -> str:
+    """A fresh 0700 dir: under private_root (created 0700) or, without one, in the system tmp."""
+    if private_root is None:
+        return tempfile.mkdtemp(prefix=RUN_PREFIX)
+    root = Path(private_root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    return tempfile.mkdtemp(prefix=RUN_PREFIX, dir=root)
 
 
 @dataclass
@@ -126,11 +184,14 @@ def run_playbook(
     artifacts_dir: str | os.PathLike | None = None,
     ident: str | None = None,
     envvars: dict[str, str] | None = None,
+    private_root: str | os.PathLike | None = None,
 ) -> PlaybookResult:
     """Run playbooks/<playbook> and return what happened on each host.
 
     `artifacts_dir` keeps the (scrubbed) stdout and job events of the run under
-    artifacts_dir/<ident>; without it nothing is kept.
+    artifacts_dir/<ident>; without it nothing is kept. `private_root` is where
+    the run's private data dir is made (removed after the run); without it,
+    the system's tmp.
     """
     started = time.monotonic()
     path = PLAYBOOK_DIR / playbook
@@ -144,8 +205,12 @@ def run_playbook(
     # ansible-runner starts `ansible-playbook` from PATH: make it the one next
     # to this interpreter even when the venv is not activated.
     bindir = os.path.dirname(sys.executable)
-    with tempfile.TemporaryDirectory(prefix="athome-run-") as pdd:
-        cp_dir = tempfile.mkdtemp(prefix="cp-", dir=pdd)
+    pdd = _private_data_dir(private_root)
+    cp_parent = pdd if len(os.path.join(pdd, "cp-XXXXXXXX")) <= _MAX_CONTROL_DIR else None
+    cp_dir = tempfile.mkdtemp(prefix="cp-" if cp_parent else "athome-cp-", dir=cp_parent)
+    try:
+        # ansible-runner adds `-e @<pdd>/env/extravars` itself when the file exists.
+        write_extravars(pdd, extravars or {})
         env = base_envvars(cp_dir)
         env.update(envvars or {})
         env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
@@ -155,7 +220,6 @@ def run_playbook(
             project_dir=str(REPO_ROOT),
             playbook=str(path),
             inventory=str(Path(inventory).resolve()),
-            extravars=extravars or {},
             limit=limit,
             forks=forks,
             cmdline=" ".join(cmdline) or None,
@@ -170,6 +234,9 @@ def run_playbook(
         _close_control_masters(cp_dir)
         if artifacts_dir is not None:
             _keep_artifacts(Path(runner.config.artifact_dir), Path(artifacts_dir))
+    finally:
+        shutil.rmtree(pdd, ignore_errors=True)
+        shutil.rmtree(cp_dir, ignore_errors=True)
     result.elapsed = time.monotonic() - started
     log.info(
         "playbook %s finished: status=%s rc=%s hosts=%s in %.1fs",
@@ -243,6 +310,27 @@ def _keep_artifacts(src: Path, dest_root: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
+
+
+def scrub_private_dirs(root: str | os.PathLike) -> int:
+    """Remove the private data dirs a killed run left under root; returns how many went.
+
+    They hold the run's extravars and, in artifacts/*/command, its environment. Only
+    for the process that runs the playbooks there, before it runs any (at start).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for entry in root.glob(RUN_PREFIX + "*"):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        for cp_dir in entry.glob("cp-*"):
+            _close_control_masters(str(cp_dir))
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed += 1
+    return removed
 
 
 def prune_artifacts(root: str | os.PathLike, max_age_days: float) -> int:

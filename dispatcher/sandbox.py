@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from dispatcher.config import write_aws_credentials
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -169,14 +171,20 @@ class SeaweedSandbox:
     def available(cls) -> bool:
         return os.access(cls.weed_binary(), os.X_OK)
 
-    def credentials_env(self) -> dict[str, str]:
-        """What boto3's standard chain reads: this sandbox's keys and no other source."""
+    def credentials_file(self, path: str | os.PathLike | None = None) -> dict[str, str]:
+        """Write this sandbox's keys to a 0600 shared-credentials file (default BASE/aws/credentials)
+        and return the environment that points boto3's standard chain at it and at nothing else.
+
+        The keys stay in the file: no process environment (ansible's included) carries them.
+        """
+        path = write_aws_credentials(
+            path or self.base / "aws" / "credentials",
+            {"aws_access_key_id": self.ACCESS_KEY, "aws_secret_access_key": self.SECRET_KEY},
+        )
         return {
-            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
-            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": str(path),
             "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
         }
 
     @property

@@ -124,7 +124,12 @@ class Dispatcher:
 
     def recover(self) -> list[str]:
         """Settle what a crash left behind; only the holder of the work lock may."""
-        return self.jobs.recover() + self._recover_outbox()
+        actions = self.jobs.recover() + self._recover_outbox()
+        # A killed run's private data dir holds its extravars and recorded environment.
+        scrubbed = runner.scrub_private_dirs(self.cfg.run_dir)
+        if scrubbed:
+            actions.append(f"removed {scrubbed} private data dir(s) left by an interrupted playbook run")
+        return actions
 
     def _recover_outbox(self) -> list[str]:
         # A reply being sent by another process right now is younger than this;
@@ -746,6 +751,7 @@ class Dispatcher:
                 timeout=self.cfg.playbook_timeout,
                 artifacts_dir=self.cfg.artifacts_dir,
                 ident=f"{job.id}-{job.attempts}",
+                private_root=self.cfg.run_dir,
             )
         except Exception as exc:  # the runner itself broke: treat as transient
             log.exception("running %s failed before the playbook could report", job.id)

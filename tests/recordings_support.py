@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import random
 import sys
 import urllib.request
@@ -171,11 +170,6 @@ def seed_bucket(
 
 
 def s3_env(s3_server) -> dict[str, str]:
-    """The standard-chain environment the controller-side module reads its credentials from."""
-    return {
-        "AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": s3_server.SECRET_KEY,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
+    """What the controller-side module needs to find its credentials: the path of the sandbox's
+    0600 credentials file (the keys themselves never enter an environment)."""
+    return s3_server.credentials_file()
