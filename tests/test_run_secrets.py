@@ -33,11 +33,13 @@ import pytest
 import yaml
 
 from dispatcher import config, runner
+from dispatcher.auth import ServerKey
 from dispatcher.errors import ConfigError
 from dispatcher.jobqueue import DirQueue
 from dispatcher.service import Dispatcher
 from tests import recordings_support as rs
 from tests import servers
+from tests.messages import AUTH
 
 REPO = Path(__file__).resolve().parent.parent
 REQUESTER = "ana@example.test"
@@ -249,7 +251,7 @@ def _cfg(tmp_path: Path, **extra) -> config.Config:
             "admin_addresses": ["admin@example.test"],
             "maildir": {"inbox": "in", "outbox": "out"},
         },
-        "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json"},
+        "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json", **AUTH},
         **extra,
     }
     return config.from_dict(data, base=tmp_path)
@@ -373,11 +375,12 @@ class Site:
                     "admin_addresses": ["admin@example.test"],
                     "maildir": {"inbox": str(workdir / "inbox"), "outbox": str(workdir / "outbox")},
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": str(workdir / "tokens.json")},
+                "auth": {"senders": [REQUESTER], "tokens_file": str(workdir / "tokens.json"), **AUTH},
                 "worker": {"retry_backoff": [0], "playbook_timeout": 300},
             },
             base=workdir,
         )
+        self.cfg.server_key().get(create=True)  # what `athome token add` makes at installation
         self.dispatcher = Dispatcher(self.cfg)
 
     def result_text(self) -> str:
@@ -575,11 +578,12 @@ def test_a_service_killed_mid_run_leaves_no_secret_and_the_next_start_removes_it
                         "cafile": str(smtp.cert),
                     },
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json"},
+                "auth": {"senders": [REQUESTER], "tokens_file": "tokens.json", **AUTH},
                 "worker": {"retry_backoff": [0], "playbook_timeout": 300, "poll_interval": 1},
             }
         )
     )
+    ServerKey(workdir / "athome.key").get(create=True)  # what `athome token add` makes
     state = workdir / "state"
     job = DirQueue(state / "queue").put(ramais_job("voip1", REQUESTER, *WINDOW))
     env = dict(
