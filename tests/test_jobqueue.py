@@ -229,9 +229,15 @@ def test_records_written_by_root_stay_readable_by_the_service_user():
         """
     )
     # The system Python: the venv's interpreter may live where `nobody` cannot read (/root).
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # And a readable copy of the package: the checkout may live where `nobody` cannot read
+    # (a clone in a 0700 temporary directory or home directory).
+    lib = base / "lib"
+    package = Path(__file__).resolve().parent.parent / "dispatcher"
+    shutil.copytree(package, lib / "dispatcher", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     out = subprocess.run(["/usr/bin/python3", "-c", child, str(root)], capture_output=True, text=True,
-                         timeout=60, env={"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}, cwd=str(base))
+                         timeout=60, env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, cwd=str(base))
     shutil.rmtree(base)
     assert out.stdout.strip() == good.id, out.stderr
     assert "cannot read queue record" in out.stderr
