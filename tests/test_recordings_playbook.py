@@ -365,7 +365,9 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     assert short.succeeded and short.hosts["localhost"].status == "ok", short.to_dict()
     url = only_report(short)[1]["url"]
     assert url != report["url"]
-    time.sleep(2.5)
+    deadline = time.monotonic() + 30  # the link expires 1 s after signing: wait for it, bounded
+    while http_status(url) != 403 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert http_status(url) == 403
     assert http_status(report["url"]) == 200
 
