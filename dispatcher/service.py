@@ -66,7 +66,7 @@ OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before 
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
 MAX_REFUSALS_PER_HOUR = 5  # other refusals (unauthenticated, stale, locked out) per sender
-PRIORITY_BUDGET = 2.0  # seconds of suspect mail handled before the pass fetches again
+PRIORITY_BUDGET = 0.5  # seconds of suspect mail handled before the pass fetches again
 
 
 class Dispatcher:
@@ -259,7 +259,7 @@ class Dispatcher:
         """At most `limit` mails of `kind` about `who` per hour; more are only logged."""
         if self.throttle.allow(kind, who, limit):
             return True
-        log.error("%s mails about %s over %d/hour: not mailed", kind, who, limit)
+        log.debug("%s mails about %s over %d/hour: not mailed", kind, who, limit)
         return False
 
     def _message_key(self, msg: Incoming) -> str:
