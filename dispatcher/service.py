@@ -570,6 +570,16 @@ class Dispatcher:
                 "Durante o bloqueio, os comandos deste remetente são recusados sem verificar o token. "
                 "Para desbloquear antes: athome token unlock " + sender,
             )
+        if code == "not-bound" and self._mail_allowed("token-of-another", sender, 1):
+            # A real token from the wrong address: leaked, shared or stolen. The admins
+            # learn whose it is; the requester (in copy of the usual alert) never does.
+            self._alert_admins(
+                f"{request_id}-misuse",
+                f"token de outra pessoa usado por {sender}",
+                [("Remetente", sender), ("Token usado", exc.token_id), ("Assunto", masked)],
+                "O token existe, mas não está vinculado a este remetente: foi compartilhado, vazou ou "
+                f"foi roubado. Troque-o (athome token rotate {exc.token_id}) e converse com o dono.",
+            )
         if failure.total >= self.cfg.flood_alert:
             if self._mail_allowed("flood-alert", "*", 1):
                 self._alert_admins(

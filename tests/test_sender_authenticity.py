@@ -109,7 +109,9 @@ def test_a_token_bound_to_another_sender_is_refused_like_an_unknown_one(site, do
     dovecot.deliver(USER, command_email("[0123456789ABCDEF] CHECKIP=3.3.3.3", sender=BOB, msgid="<b2@x>"))
     athome(site["cfg"], "poll", "--once")
     assert pending_jobs(site) == []
-    stolen, unknown = replies(smtp)
+    [misuse] = by_subject(smtp, "token de outra pessoa")
+    assert misuse["To"] == ADMIN and not misuse["Cc"] and "athome token rotate t1" in body(misuse)
+    stolen, unknown = by_subject(smtp, "Token Invalido")
     for m in (stolen, unknown):
         assert m["Subject"].endswith("Erro - Token Invalido") and m["Cc"] == BOB
     assert body(stolen).split("Problema:")[1] == body(unknown).split("Problema:")[1], (
