@@ -24,7 +24,6 @@ DATE_HUMAN = "DD/MM/AAAA HH:MM"
 
 # Reply/forward prefixes mail clients put before the token (pt-BR and English).
 _PREFIX = re.compile(r"^\s*(?:re|res|fw|fwd|enc|tr)\s*:\s*", re.IGNORECASE | re.ASCII)
-_TOKEN = re.compile(r"^\[([0-9A-Fa-f]{8})\]\s*", re.ASCII)
 _BRACKET = re.compile(r"^\[[^\]]{0,64}\]\s*")
 # What a command may contain after the token. Anything else (shell or template
 # metacharacters, quotes, non-ASCII digits...) is refused before parsing.
@@ -85,11 +84,6 @@ MAX_TAGS = 3  # [EXTERNAL]-style tags a mail gateway may put before the token
 TOKEN_MIN, TOKEN_MAX = 8, 32  # hex digits of a token: 8 (legacy) to 32; new ones have 16
 TOKEN_FORMAT = "[SEU TOKEN]"  # noqa: S105 - how replies show where the token goes, never a value
 _TOKEN = re.compile(rf"^\[[ ]*([0-9A-Fa-f]{{{TOKEN_MIN},{TOKEN_MAX}}})[ ]*\]\s*", re.ASCII)
-# A bracket whose content looks like an attempt at a token (a digit in it, or only hex
-# letters) rather than a gateway tag such as [EXTERNAL] or [SPAM?].
-_TOKENISH = re.compile(r"[ ]*(?=[^\]]*[0-9])[0-9A-Za-z]{1,64}[ ]*|[ ]*[A-Fa-f]{4,64}[ ]*", re.ASCII)
-# An unbracketed first word that looks like a token: letters and digits mixed, or hex only.
-_BARE_TOKENISH = re.compile(r"(?=[^ ]*[0-9])[0-9A-Za-z]{6,64}|[0-9A-Fa-f]{8,64}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -123,11 +117,11 @@ def _after_tags(text: str) -> TokenSplit:
         bracket = _BRACKET.match(text)
         if not bracket:
             break
-        malformed = malformed or bool(_TOKENISH.fullmatch(bracket.group(0).strip()[1:-1]))
+        malformed = malformed or not _tag(bracket.group(0).strip()[1:-1])
         text = text[bracket.end() :]
     text = text.strip()
     first = text.split(" ", 1)[0]
-    if not malformed and "=" not in first and _BARE_TOKENISH.fullmatch(first.strip("()<>{}")):
+    if not malformed and _tokenish_word(first):
         malformed = True  # 'A1B2C3D4 CHECKIP=...': a token without its brackets
         text = text[len(first) :].strip()
     return TokenSplit(None, text, "malformed" if malformed else "missing")
@@ -155,55 +149,81 @@ def lenient_token(raw_subject: str) -> TokenSplit:
 
 
 MASK = "********"
-# A standalone group of 8 to 32 hex digits (not part of a longer word or of a request id).
-_HEX_GROUP = re.compile(rf"(?<![0-9A-Za-z_])[0-9A-Fa-f]{{{TOKEN_MIN},{TOKEN_MAX}}}(?![0-9A-Za-z_])")
-# Values echoed as they are: a MAC after its keyword, extension numbers after RAMAIS=.
+# Any run of 8 or more hex digits, whatever surrounds it (a token glued to a word, cut by
+# an underscore...). Only what must stay readable is protected, explicitly.
+_HEX_RUN = re.compile(rf"[0-9A-Fa-f]{{{TOKEN_MIN},}}")
 _KEEP = re.compile(
-    r"\b(?:MACATUAL|MACFUTURO)[ ]*=[ ]*[0-9A-Fa-f:\-]{12,17}(?![0-9A-Za-z])"
-    r"|\bRAMAIS[ ]*=[ ]*[0-9, ]+",
+    r"(?<![0-9A-Za-z])[0-9]{8}_[0-9]{6}_[0-9]{6}_[0-9a-f]{2}(?![0-9A-Za-z])"  # request ids
+    r"|\b(?:MACATUAL|MACFUTURO)[ ]*=[ ]*[0-9A-Fa-f:\-]{12,17}(?![0-9A-Za-z])"  # MACs
+    r"|\bRAMAIS[ ]*=[ ]*[0-9, ]+",  # extension lists
     re.IGNORECASE | re.ASCII,
 )
 
 
-def _mask_hex(text: str) -> str:
+def mask_text(text: str, token: str | None = None) -> str:
+    """Free text that may quote what a requester typed (an error message): the token
+    wherever it appears, and every run of 8+ hex digits, replaced by ********."""
+    if token:
+        text = re.sub(re.escape(token), MASK, text, flags=re.IGNORECASE)
     out, pos = [], 0
     for keep in _KEEP.finditer(text):
-        out.append(_HEX_GROUP.sub(MASK, text[pos : keep.start()]))
+        out.append(_HEX_RUN.sub(MASK, text[pos : keep.start()]))
         out.append(keep.group(0))
         pos = keep.end()
-    out.append(_HEX_GROUP.sub(MASK, text[pos:]))
+    out.append(_HEX_RUN.sub(MASK, text[pos:]))
     return "".join(out)
 
 
+def _tokenish_word(word: str) -> bool:
+    """An unbracketed word that looks like a token: 6+ characters with a digit, no '='
+    ('A1B2C3D4 CHECKIP=...', '(A1B2C3D4)', 'A1B2-C3D4-E5F6-0718')."""
+    bare = word.strip("()<>{}[]")
+    return "=" not in word and len(bare) >= 6 and any(ch.isdigit() for ch in bare)
+
+
+def _tag(inner: str) -> bool:
+    """A gateway tag ([EXTERNAL], [SPAM?]): no digit, and not only hex letters."""
+    return not any(ch.isdigit() for ch in inner) and not re.fullmatch(r"[ A-Fa-f]*", inner)
+
+
 def _mask_leading(text: str) -> str:
-    """Whatever stands in the token's place: leading brackets that look like a token
-    attempt, or a first word that does, even when it is not valid hex."""
+    """Whatever stands in the token's place: every leading bracket but a gateway tag, and
+    a first word that looks like a token (a digit in it), even when it is not valid hex."""
     head = []
     for _ in range(MAX_TAGS + 1):
         bracket = _BRACKET.match(text)
         if not bracket:
             break
         inner = bracket.group(0).strip()[1:-1]
-        tokenish = _TOKEN.match(bracket.group(0)) or _TOKENISH.fullmatch(inner)
-        head.append(f"[{MASK}]" if tokenish else f"[{inner}]")
+        head.append(f"[{inner}]" if _tag(inner) else f"[{MASK}]")
         text = text[bracket.end() :]
     first = text.split(" ", 1)[0]
-    if "=" not in first and _BARE_TOKENISH.fullmatch(first.strip("()<>{}")):
+    if _tokenish_word(first):
         text = MASK + text[len(first) :]
     return " ".join([*head, text]).strip()
 
 
 def mask_subject(raw_subject: str, token: str | None = None) -> str:
     """The subject as it can be quoted back (replies, alerts, logs): whatever stands in
-    the token's place, every standalone 8-32 hex group, and the token wherever it
-    appears, replaced by ********."""
+    the token's place, every run of 8+ hex digits, and the token wherever it appears,
+    replaced by ********. A subject too malformed to parse loses its control characters
+    (so a token cut by one is whole again) and is masked before it is shortened."""
     try:
         text = strip_prefixes(normalise_subject(raw_subject))
+        cut = False
     except GrammarError:
-        text = strip_prefixes(re.sub(r"[\x00-\x1f\x7f]", "?", (raw_subject or "")))[:MAX_SUBJECT_CHARS] + "…"
-    if token:
-        text = re.sub(re.escape(token), MASK, text, flags=re.IGNORECASE)
-    return _mask_hex(_mask_leading(text)).strip()
+        text = strip_prefixes(
+            re.sub(
+                r"[\x00-\x1f\x7f\u0080-\u009f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]",
+                "",
+                raw_subject or "",
+            )
+        )
+        cut = True
+    masked = mask_text(_mask_leading(text), token).strip()
+    if cut and len(masked) > MAX_SUBJECT_CHARS:
+        masked = masked[:MAX_SUBJECT_CHARS] + "…"
+    return masked
 
 
 mask_token = mask_subject  # the name earlier versions used

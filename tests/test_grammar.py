@@ -284,10 +284,26 @@ def test_the_token_slot_says_missing_or_malformed(subject, token, problem, text)
         ("Fwd: [EXTERNAL] [a1b2c3d4e5f60718] CHECKIP=3.3.3.3", "A1B2C3D4E5F60718"),
         ("CHECKIP=3.3.3.3 token A1B2C3D4E5F6", "A1B2C3D4E5F6"),
         ("[A1B2C3D4] CHECKIP=3.3.3.3\n; x", "A1B2C3D4"),  # unparsable: still masked
+        # glued, split, or cut tokens (an independent review's list)
+        ("[A1B2C3D4E5F60718_] CHECKIP=3.3.3.3", "A1B2C3D4E5F60718"),
+        ("A1B2C3D4E5F60718CHECKIP=3.3.3.3", "A1B2C3D4E5F6071"),
+        ("[A1B2-C3D4-E5F6-0718] HELP", "E5F6-0718"),
+        ("[A1B2 C3D4 E5F6 0718] HELP", "E5F6 0718"),
+        ("A1B2-C3D4-E5F6-0718 HELP", "E5F6-0718"),
+        ("[A1B2C3D4\u0415\u0035F60718] HELP", "A1B2C3D4"),  # a Cyrillic letter inside
+        ("[A1B2C3D\x014E5F60718] HELP", "4E5F60718"),  # cut by a control character
+        ("x" * 505 + " A1B2C3D4E5F60718", "A1B2C3D"),  # cut by the length limit
     ],
 )
 def test_whatever_stands_for_a_token_is_masked_in_echoes(subject, secret):
     assert secret not in grammar.mask_subject(subject).upper()
+
+
+def test_error_messages_that_quote_the_input_are_masked_too():
+    with pytest.raises(GrammarError) as info:
+        commands.parse("CHECKIP=A1B2C3D4E5F60718", CTX)
+    assert "A1B2C3D4E5F60718" in info.value.message, "the grammar quotes what it got"
+    assert "A1B2C3D4E5F60718" not in grammar.mask_text(info.value.message)
 
 
 def test_masking_keeps_macs_extensions_and_request_ids_readable():
