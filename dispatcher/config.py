@@ -405,8 +405,10 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     cfg.flood_alert = _number(lock, "flood_alert", cfg.flood_alert, "auth.lockout", problems)
     if cfg.max_age_hours <= 0 or cfg.max_future_minutes < 0:
         problems.append("auth.freshness: max_age_hours must be positive and max_future_minutes not negative")
-    if cfg.lockout_failures < 1:
-        problems.append("auth.lockout.failures: must be at least 1")
+    if cfg.lockout_failures < 1 or cfg.flood_alert < 1:
+        problems.append("auth.lockout: failures and flood_alert must be at least 1")
+    if cfg.lockout_window_minutes <= 0 or cfg.lockout_cooldown_minutes <= 0:
+        problems.append("auth.lockout: window_minutes and cooldown_minutes must be positive")
 
     cmds = data.get("commands") or {}
     cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)

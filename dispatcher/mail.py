@@ -42,10 +42,15 @@ class Incoming:
     automated: str = ""  # why this looks like a machine's mail (bounce, auto-reply), or ""
     date: str = ""  # the Date header as written
     auth_results: tuple[str, ...] = ()  # every Authentication-Results header, topmost first
+    # From/Date/Subject/Message-ID present more than once: DKIM signs the bottom-most copy,
+    # we would read the topmost, so an added copy could change a signed message.
+    duplicated: tuple[str, ...] = ()
 
 
 _MSGID = re.compile(r"<[^<>\s]{1,250}>")
 MAX_REFERENCES = 20
+FETCH_LIMIT = 500  # unseen messages read per pass, newest first: a flood cannot hide new mail
+SINGLE_HEADERS = ("from", "date", "subject", "message-id")  # RFC 5322: at most one each
 MSGID_TAG = "athome-ops"  # in our replies' Message-IDs: <....athome-ops@domain>
 
 
@@ -126,6 +131,7 @@ def incoming_from_headers(uid: str, headers) -> Incoming:
         automated=_automated(headers),
         date=first("date").strip(),
         auth_results=tuple(raw.get("authentication-results", [])),
+        duplicated=tuple(h for h in SINGLE_HEADERS if len(raw.get(h, [])) > 1),
     )
 
 
@@ -142,7 +148,7 @@ def parse_all(items) -> list[Incoming]:
 
 
 class Inbox(Protocol):
-    def fetch(self) -> list[Incoming]: ...
+    def fetch(self, limit: int = FETCH_LIMIT) -> list[Incoming]: ...
     def ack(self, uid: str) -> None: ...
     def close(self) -> None: ...
 
@@ -185,11 +191,16 @@ class IMAPInbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def fetch(self) -> list[Incoming]:
+    def fetch(self, limit: int = FETCH_LIMIT) -> list[Incoming]:
+        """The headers of the newest `limit` unseen messages (oldest first)."""
         from imap_tools import AND
 
         try:
-            msgs = list(self.box.fetch(AND(seen=False), mark_seen=False, headers_only=True, bulk=50))
+            msgs = list(
+                self.box.fetch(
+                    AND(seen=False), mark_seen=False, headers_only=True, bulk=50, limit=limit, reverse=True
+                )
+            )[::-1]
         except Exception as exc:
             raise TransportError(f"IMAP fetch failed: {exc}") from exc
         return parse_all((m.uid, m.obj) for m in msgs if m.uid)
@@ -266,23 +277,23 @@ class MaildirInbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def fetch(self) -> list[Incoming]:
+    def fetch(self, limit: int = FETCH_LIMIT) -> list[Incoming]:
+        """The headers of the newest `limit` unseen messages (oldest first)."""
         self.box.clean()
-        items, self._where = [], {}
+        items, self._where, unseen = [], {}, []
         for sub in ("new", "cur"):
-            for name in sorted(os.listdir(self.path / sub)):
-                if name.startswith("."):
-                    continue
+            for name in os.listdir(self.path / sub):
                 uid, _, info = name.partition(":")
-                if info.startswith("2,") and "S" in info[2:]:
-                    continue
-                path = self.path / sub / name
-                try:
-                    with open(path, "rb") as f:
-                        items.append((uid, BytesHeaderParser(policy=email.policy.default).parse(f)))
-                except FileNotFoundError:  # taken by another reader meanwhile
-                    continue
-                self._where[uid] = path
+                if not name.startswith(".") and not (info.startswith("2,") and "S" in info[2:]):
+                    unseen.append((uid, sub, name))
+        for uid, sub, name in sorted(unseen)[-limit:]:
+            path = self.path / sub / name
+            try:
+                with open(path, "rb") as f:
+                    items.append((uid, BytesHeaderParser(policy=email.policy.default).parse(f)))
+            except FileNotFoundError:  # taken by another reader meanwhile
+                continue
+            self._where[uid] = path
         return parse_all(items)
 
     def ack(self, uid: str) -> None:

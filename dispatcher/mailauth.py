@@ -28,6 +28,8 @@ from email.utils import parsedate_to_datetime
 
 import authres
 
+MAX_HEADER_CHARS = 8192  # a receiver's verdicts fit in a few hundred characters
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -76,6 +78,8 @@ def verify_sender(headers: Sequence[str], from_domain: str, trusted_ids: Collect
     if not headers:
         return Verdict(False, "no Authentication-Results header")
     top = headers[0]
+    if len(top) > MAX_HEADER_CHARS:
+        return Verdict(False, f"the topmost Authentication-Results header has {len(top)} characters")
     try:
         parsed = authres.AuthenticationResultsHeader.parse_value(top)
     except Exception as exc:  # the parser's own errors on hostile input
@@ -104,8 +108,9 @@ def verify_sender(headers: Sequence[str], from_domain: str, trusted_ids: Collect
     return Verdict(False, f"{authserv}: {'; '.join(seen) or 'no results'} for From domain {from_domain}")
 
 
-# Triage and decision read the same headers in one pass; a flood repeats them.
-verify_sender_cached = functools.lru_cache(maxsize=4096)(verify_sender)
+# Triage and decision read the same header in one pass; a flood repeats it. Call it with
+# the topmost header only (bounded by MAX_HEADER_CHARS), never what is below.
+verify_sender_cached = functools.lru_cache(maxsize=1024)(verify_sender)
 
 
 def check_date(date_header: str, now: datetime, max_age: timedelta, max_future: timedelta) -> Verdict:
@@ -114,13 +119,16 @@ def check_date(date_header: str, now: datetime, max_age: timedelta, max_future: 
     `reason` is for the requester (pt-BR): it goes back in the refusal reply."""
     try:
         sent = parsedate_to_datetime(date_header) if date_header else None
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         sent = None
     if sent is None:
         return Verdict(False, "a mensagem não tem um cabeçalho Date válido")
     if sent.tzinfo is None:  # "-0000": UTC, origin unknown (RFC 5322 3.3)
         sent = sent.replace(tzinfo=timezone.utc)
-    shown = sent.astimezone(timezone.utc).strftime("%d/%m/%Y %H:%M UTC")
+    try:
+        shown = sent.astimezone(timezone.utc).strftime("%d/%m/%Y %H:%M UTC")
+    except (OverflowError, ValueError):  # year 9999 with a negative offset, and the like
+        return Verdict(False, "a mensagem não tem um cabeçalho Date válido")
     if sent < now - max_age:
         hours = max_age.total_seconds() / 3600
         return Verdict(

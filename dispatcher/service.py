@@ -18,6 +18,7 @@ completed without running its playbook again.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import fcntl
 import json
@@ -26,6 +27,7 @@ import os
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTra
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, new_request_id
 from dispatcher.mail import (
+    FETCH_LIMIT,
     SESSION_MAX,
     IMAPInbox,
     Incoming,
@@ -53,10 +56,9 @@ from dispatcher.mail import (
     SMTPSender,
     answers_us,
     build_message,
-    unfold,
 )
 from dispatcher.replies import Replies
-from dispatcher.throttle import Throttle
+from dispatcher.throttle import Failure, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set asid
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
 MAX_REFUSALS_PER_HOUR = 5  # other refusals (unauthenticated, stale, locked out) per sender
 PRIORITY_BUDGET = 0.5  # seconds of suspect mail handled before the pass fetches again
+GENUINE_PER_SENDER = 3  # messages of one sender handled first in a pass; more wait with the suspect
+PRUNE_EVERY = 3600  # seconds between retention sweeps of the work loop
 
 
 class Dispatcher:
@@ -91,6 +95,7 @@ class Dispatcher:
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
         self._locks: list[int] = []
+        self._pruned_at = float("-inf")
 
     # ------------------------------------------------------------- plumbing
 
@@ -201,11 +206,14 @@ class Dispatcher:
         group the replies go out; suspect mail is then handled for at most
         PRIORITY_BUDGET seconds before the next fetch looks for new genuine mail."""
         counts = {"fetched": 0, "queued": 0, "replied": 0, "ignored": 0, "failed": 0}
-        messages = inbox.fetch()
+        messages = inbox.fetch(limit=FETCH_LIMIT)
         counts["fetched"] = len(messages)
-        genuine, suspect = [], []
+        genuine, suspect, per_sender = [], [], collections.Counter()
         for msg in messages:
-            (genuine if self._looks_genuine(msg) else suspect).append(msg)
+            sender = self._looks_genuine(msg)
+            per_sender[sender] += 1
+            ok = sender and per_sender[sender] <= GENUINE_PER_SENDER
+            (genuine if ok else suspect).append(msg)
         for msg in genuine:
             self._handle(inbox, msg, counts)
         if genuine:
@@ -217,19 +225,24 @@ class Dispatcher:
                 counts["deferred"] = len(suspect) - n - 1
                 break
         self.flush_outbox()
+        if len(messages) >= FETCH_LIMIT:
+            counts["deferred"] = counts.get("deferred", 0) + 1  # more may wait beyond the limit
         if counts["fetched"]:
             log.info("intake pass: %s", counts)
         return counts
 
-    def _looks_genuine(self, msg: Incoming) -> bool:
-        """Cheap triage (no token check): a whitelisted, authenticated sender not locked out."""
+    def _looks_genuine(self, msg: Incoming) -> str:
+        """Cheap triage (no token check): the sender when it is whitelisted, authenticated
+        and not locked out, else ''."""
         try:
+            if msg.duplicated:
+                return ""
             sender = sender_address(msg.from_header)
             if not self.whitelist.allows(sender) or self.throttle.locked_until(sender):
-                return False
-            return not self.cfg.ar_required or self._sender_verdict(msg, sender).ok
+                return ""
+            return sender if not self.cfg.ar_required or self._sender_verdict(msg, sender).ok else ""
         except Exception:
-            return False
+            return ""
 
     def _handle(self, inbox, msg: Incoming, counts: dict[str, int]) -> None:
         try:
@@ -263,12 +276,21 @@ class Dispatcher:
         return False
 
     def _message_key(self, msg: Incoming) -> str:
-        """The message's identity in the ledger: Message-ID + From + Date + masked subject,
-        as an HMAC under the server key (the subject carries a token: never a plain hash).
-        The same message delivered twice has one key; another command that reuses a
-        Message-ID has another."""
-        masked = grammar.mask_subject(msg.subject)
-        return self.key.digest("message", msg.message_id, unfold(msg.from_header), msg.date, masked)[:48]
+        """The message's identity in the ledger: Message-ID + From address + Date (as a
+        time) + the masked subject with its white space collapsed, as an HMAC under the
+        server key (the subject carries a token: never a plain hash). Normalised because
+        DKIM's relaxed canonicalisation lets a copy change white space and still verify:
+        such a copy has the same key. Another command reusing a Message-ID has another."""
+        try:
+            sender = sender_address(msg.from_header)
+        except AuthError:
+            sender = " ".join(msg.from_header.split())
+        try:
+            sent = str(int(parsedate_to_datetime(msg.date).timestamp()))
+        except (TypeError, ValueError, IndexError, OverflowError):
+            sent = " ".join(msg.date.split())
+        subject = " ".join(grammar.mask_subject(msg.subject).split())
+        return self.key.digest("message", msg.message_id, sender, sent, subject)[:48]
 
     def _count_failure(self, msg: Incoming) -> int:
         """How many passes failed on this message (kept beside its seen marker)."""
@@ -283,45 +305,74 @@ class Dispatcher:
     def _marker(self, msg: Incoming) -> Path:
         return self.cfg.seen_dir / self._message_key(msg)
 
-    def _intake(self, msg: Incoming) -> str:
-        marker = self._marker(msg)
+    def _screen(self, msg: Incoming) -> str:
+        """What needs no record and gets no reply: automatic mail, a message with a
+        duplicated identity header, a reply to our own mail without a token, a sender
+        not on the whitelist. Returns the sender, or '' when the message is ignored."""
+        if msg.automated:
+            log.info("ignored message uid %s: automatic mail (%s)", msg.uid, msg.automated)
+            return ""
+        if msg.duplicated:
+            # DKIM verifies the bottom-most copy of a header, we would read the topmost: a
+            # copy added above a signed one could change the command or its date.
+            log.warning("ignored message uid %s: more than one %s header", msg.uid, "/".join(msg.duplicated))
+            return ""
+        if grammar.lenient_token(msg.subject).token is None and answers_us(msg):
+            # A person answered one of our replies without a command: nothing to do, no alarm.
+            log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
+            return ""
         try:
-            seen = json.loads(marker.read_text())
-            request_id = seen["request_id"]
+            sender = sender_address(msg.from_header)
+        except AuthError as exc:
+            log.warning("ignored message uid %s: %s", msg.uid, exc.detail)
+            return ""
+        if not self.whitelist.allows(sender):
+            # No reply (no backscatter to forged or unknown senders): a log line is all.
+            log.warning("ignored message uid %s from %s: not on the whitelist", msg.uid, sender)
+            return ""
+        return sender
+
+    def _intake(self, msg: Incoming) -> str:
+        sender = self._screen(msg)
+        if not sender:
+            return "ignored"
+        marker = self._marker(msg)
+        decided = marker.with_name(f"{marker.name}.decided")
+        try:
+            request_id = json.loads(marker.read_text())["request_id"]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            seen, request_id = {}, None
-        if seen.get("decided"):
+            request_id = None
+        if request_id and decided.exists():
             # The same message again (delivered twice, copied back, replayed): handled once.
             log.warning("ignored message uid %s: a copy of request %s, already handled", msg.uid, request_id)
             return "ignored"
-        # Seen but not decided (a crash came between queueing and flagging it): decide
-        # again under the same request id; every put below is idempotent by id.
         if request_id is None:
             request_id = new_request_id()
             self._write_marker(marker, request_id)
         _crash_point("intake-after-marker")
-        outcome = self._decide(msg, request_id)
-        self._write_marker(marker, request_id, decided=outcome)
+        job = self.jobs.find(request_id)
+        if job is not None:
+            # Queued before a crash: only its confirmation may be missing. Never decided
+            # again, which could now refuse (a Date grown stale) what was accepted.
+            self._queue_ack(job, msg)
+            outcome = "queued"
+        else:
+            outcome = self._decide(msg, request_id, sender)
+        # Not fsync'd: if a crash loses it, the message is decided again under the same
+        # request id (above), which queues and answers nothing twice.
+        decided.write_text(outcome)
         return outcome
 
-    def _write_marker(self, marker: Path, request_id: str, decided: str = "") -> None:
-        """The request id is written durably (every later write is idempotent by it); the
-        'decided' note is not fsync'd: if a crash loses it, the message is decided again
-        under the same request id, which queues and answers nothing twice."""
+    def _write_marker(self, marker: Path, request_id: str) -> None:
+        """The request id, durably: every later write is idempotent by it."""
         tmp = marker.with_name(f".{marker.name}.tmp")
-        record = {"request_id": request_id, "at": time.time()}
-        if decided:
-            record["decided"] = decided
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, json.dumps(record).encode())
-            if not decided:
-                os.fsync(fd)
+            os.write(fd, json.dumps({"request_id": request_id, "at": time.time()}).encode())
+            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, marker)
-        if decided:
-            return
         fd = os.open(marker.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -330,15 +381,13 @@ class Dispatcher:
 
     def _sender_verdict(self, msg: Incoming, sender: str) -> mailauth.Verdict:
         return mailauth.verify_sender_cached(
-            tuple(msg.auth_results), domain_of(sender), tuple(self.cfg.trusted_authserv_ids)
+            tuple(msg.auth_results[:1]), domain_of(sender), tuple(self.cfg.trusted_authserv_ids)
         )
 
-    def _decide(self, msg: Incoming, request_id: str) -> str:
-        """Screen, authenticate (sender, provenance, freshness, lock-out, token), parse,
-        check permission; then queue the job or answer. Cheapest refusals first."""
-        if msg.automated:
-            log.info("ignored message uid %s: automatic mail (%s)", msg.uid, msg.automated)
-            return "ignored"
+    def _decide(self, msg: Incoming, request_id: str, sender: str) -> str:
+        """For a screened, whitelisted sender: authenticate (provenance, freshness,
+        lock-out, token), parse, check permission; then queue the job or answer.
+        Cheapest refusals first."""
         subject_error = None
         try:
             found = grammar.find_token(msg.subject)
@@ -346,19 +395,6 @@ class Dispatcher:
             found, subject_error = grammar.lenient_token(msg.subject), exc
         text = found.text
         masked = grammar.mask_subject(msg.subject, found.token)
-        if found.token is None and answers_us(msg):
-            # A person answered one of our replies without a command: nothing to do, no alarm.
-            log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
-            return "ignored"
-        try:
-            sender = sender_address(msg.from_header)
-        except AuthError as exc:
-            log.warning("ignored message uid %s: %s", msg.uid, exc.detail)
-            return "ignored"
-        if not self.whitelist.allows(sender):
-            # No reply (no backscatter to forged or unknown senders): a log line is all.
-            log.warning("ignored message uid %s from %s: not on the whitelist", msg.uid, sender)
-            return "ignored"
         if self.cfg.ar_required:
             verdict = self._sender_verdict(msg, sender)
             if not verdict.ok:
@@ -410,14 +446,16 @@ class Dispatcher:
             inv = self.inventory.get()
             cmd = commands.parse(text, inv.parse_context(self.cfg.max_window_days))
         except GrammarError as exc:
-            log.info("rejected %s from %s: %s", request_id, sender, exc.message)
+            # The message may quote what was typed (a token in the wrong place): masked too.
+            problem = grammar.mask_text(exc.message, found.token)
+            log.info("rejected %s from %s: %s", request_id, sender, problem)
             self._queue_reply(
                 f"{request_id}-reply",
                 "rejected",
                 to=[sender],
                 msg=msg,
                 subject=masked,
-                problem=exc.message,
+                problem=problem,
                 example=exc.example,
                 command_name=exc.command or "",
                 request_id=request_id,
@@ -451,17 +489,21 @@ class Dispatcher:
         job = self.jobs.put(payload, job_id=request_id)
         _crash_point("intake-after-job")
         log.info("queued %s %s for %s (token %s)", job.id, cmd.text, sender, identity.token_id)
+        self._queue_ack(job, msg)
+        return "queued"
+
+    def _queue_ack(self, job: Job, msg: Incoming) -> None:
+        """The confirmation of a queued job (idempotent by its id)."""
         self._queue_reply(
-            f"{request_id}-ack",
+            f"{job.id}-ack",
             "ack",
-            to=[sender],
+            to=[job.payload["requester"]],
             msg=msg,
-            request_id=request_id,
-            command=cmd.text,
-            command_name=cmd.name,
+            request_id=job.id,
+            command=job.payload["command_text"],
+            command_name=job.payload["command"],
             position=max(1, self.jobs.position(job.id)),
         )
-        return "queued"
 
     # ------------------------------------------------------------ refusals
 
@@ -474,9 +516,11 @@ class Dispatcher:
         headline: str,
         problem: str,
         advice: str,
+        cap: str = "refusal",
     ) -> str:
-        """A refusal to the requester alone, capped per sender (a flood gets no flood back)."""
-        if not self._mail_allowed("refusal", sender, MAX_REFUSALS_PER_HOUR):
+        """A refusal to the requester alone, capped per sender (a flood gets no flood back).
+        Forgeries have their own cap, so they cannot silence the real sender's refusals."""
+        if not self._mail_allowed(cap, sender, MAX_REFUSALS_PER_HOUR):
             return "ignored"
         self._queue_reply(
             f"{request_id}-reply",
@@ -535,6 +579,7 @@ class Dispatcher:
             "Se foi você quem enviou, mande o comando direto da sua conta de e-mail corporativa, sem "
             "encaminhar nem usar outro serviço de envio, e avise os administradores se o erro continuar. "
             "Se não foi você, avise os administradores: alguém está usando o seu endereço.",
+            cap="refusal-unauthenticated",
         )
 
     def _refuse_token(
@@ -543,7 +588,12 @@ class Dispatcher:
         """A bad token from an authenticated, whitelisted sender: count it (lock-out), tell
         the admins with the requester in copy (the legacy "Token Invalido"), capped."""
         code = exc.detail
-        failure = self.throttle.failure(sender)
+        if code == "missing":
+            # Ordinary mail without a token is no guess: it must not let anyone who can
+            # re-send a colleague's signed mail lock that colleague out.
+            failure = Failure(0, 0.0, False, self.throttle.total())
+        else:
+            failure = self.throttle.failure(sender)
         log.warning(
             "rejected %s from %s: token %s%s (%d in the window; %d from all senders)",
             request_id,
@@ -713,7 +763,9 @@ class Dispatcher:
             done += 1
         self._recover_outbox()
         self.flush_outbox(stop)
-        self.prune()
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self.prune()
+            self._pruned_at = time.monotonic()
         return done
 
     def _give_back(self, job: Job, reason: str) -> None:

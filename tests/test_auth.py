@@ -238,3 +238,19 @@ def test_an_encoded_word_cannot_smuggle_a_whitelisted_address():
 )
 def test_folded_and_encoded_from_headers_give_the_address(header):
     assert sender_address(header) == "jose@example.test"
+
+
+def test_a_from_header_too_long_to_be_real_is_refused_before_parsing():
+    with pytest.raises(AuthError, match="characters"):
+        sender_address("a" + "." * 20_000 + "@evil.test")
+
+
+def test_a_token_of_another_sender_costs_no_slow_hash(store, monkeypatch):
+    """Same time as an unknown token: not even timing tells that it exists."""
+    _, token = store.add("ana", senders=[ANA])
+
+    def no_scrypt(*_a):
+        raise AssertionError("scrypt was run for a sender the token is not bound to")
+
+    monkeypatch.setattr("dispatcher.auth._verify", no_scrypt)
+    assert code(store, token, "bob@example.test") == "not-bound"

@@ -67,6 +67,11 @@ def test_the_topmost_trusted_header_decides(headers, domain, ok):
     assert verdict.reason
 
 
+def test_an_oversized_top_header_is_refused_unparsed():
+    huge = "mx.google.com; dmarc=pass header.from=example.test; " + "x=y " * 5000
+    assert not mailauth.verify_sender([huge], "example.test", TRUSTED).ok
+
+
 def test_spf_alone_is_named_as_not_enough():
     verdict = mailauth.verify_sender(
         ["mx.google.com; spf=pass smtp.mailfrom=a@example.test"], "example.test", TRUSTED
@@ -94,6 +99,8 @@ NOW = datetime(2025, 11, 29, 15, 31, tzinfo=timezone.utc)
         ("Sat, 29 Nov 2025 15:40:00 -0000", True, ""),
         ("", False, "Date"),
         ("yesterday", False, "Date"),
+        ("Fri, 31 Dec 9999 23:59:00 -2359", False, "Date"),  # past datetime's range
+        ("Sat, 29 Nov 2025 12:00:00 +9999999999999999999", False, "Date"),
     ],
 )
 def test_freshness_window(date, ok, says):

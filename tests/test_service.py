@@ -364,3 +364,103 @@ def test_genuine_mail_is_handled_before_a_flood_and_nothing_is_left_behind(make,
     assert sorted(handled[1:]) == [f"<forged{i}@x>" for i in range(4)], "each handled once"
     assert counts["fetched"] == 5 and counts["replied"] == 5  # HELP + 4 refusals
     assert d._inbox_factory().fetch() == []
+
+
+@pytest.mark.parametrize(
+    "lockout",
+    [{"failures": 0}, {"window_minutes": 0}, {"cooldown_minutes": -1}, {"flood_alert": 0}],
+)
+def test_a_lockout_setting_that_would_disable_it_is_a_problem(make, lockout):
+    from dispatcher.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="auth.lockout"):
+        make(lockout=lockout)
+
+
+def test_copies_that_differ_only_in_white_space_are_the_same_message(make):
+    """DKIM's relaxed canonicalisation lets a copy change white space and still verify."""
+    d = make()
+    subject = f"[{make.token}] CHECKIP=3.3.3.3"
+    drop(d, subject, "<ws@x>", date="Sun, 29 Nov 2026 10:00:00 +0000")
+    drop(d, subject.replace(" ", "   "), "<ws@x>", date="Sun,  29 Nov 2026  10:00:00 +0000")
+    drop(d, subject, "<ws@x>", date="Sun, 29 Nov 2026 07:00:00 -0300", display="Ana  da Silva")
+    d.cfg.max_age_hours = 10**6  # the fixed dates above stay fresh
+    counts = d.poll_once()
+    assert counts["queued"] == 1 and counts["ignored"] == 2
+    assert d.jobs.count("pending") == 1
+
+
+def test_a_message_with_a_duplicated_identity_header_is_ignored(make):
+    d = make()
+    m = command_message(f"[{make.token}] CHECKIP=3.3.3.3", msgid="<dup@x>")
+    raw = m.as_bytes()
+    # A Subject (or Date) added above the signed one: the command would change, DKIM would not see it.
+    d._inbox_factory().box.add(b"Subject: [" + make.token.encode() + b"] CHECKIP=4.4.4.4\r\n" + raw)
+    d._inbox_factory().box.add(b"Date: " + command_message("x")["Date"].encode() + b"\r\n" + raw)
+    counts = d.poll_once()
+    assert counts["ignored"] == 2 and d.jobs.count("pending") == 0
+    assert d.outbox.list("pending") == [] and d.outbox.list("done") == []
+
+
+def test_mail_without_a_token_does_not_lock_its_sender_out(make):
+    d = make()
+    for i in range(6):
+        drop(d, "Reunião amanhã", f"<plain{i}@x>")
+    drop(d, f"[{make.token}] CHECKIP=3.3.3.3", "<after@x>")
+    counts = d.poll_once()
+    assert counts["queued"] == 1, "ordinary mail re-sent by someone else cannot lock a colleague out"
+    assert d.throttle.locked_until("ana@example.test") == 0
+
+
+def test_a_job_queued_before_a_crash_is_only_confirmed_again_never_refused(make):
+    d = make()
+    drop(d, f"[{make.token}] CHECKIP=3.3.3.3", "<crash@x>")
+    real_ack = d._inbox_factory  # fault injection: the flag after queueing never happens
+    d._inbox_factory = lambda: _NoAck(real_ack())
+    d.poll_once()
+    assert d.jobs.count("pending") == 1
+    d._inbox_factory = real_ack
+    d.cfg.max_age_hours = 1e-9  # by the next pass the message has grown too old
+    for marker in d.cfg.seen_dir.glob("*.decided"):
+        marker.unlink()  # and the 'decided' note was lost with the crash
+    counts = d.poll_once()
+    assert counts["queued"] == 1 and d.jobs.count("pending") == 1
+    assert {r.payload["kind"] for r in d.outbox.list("done")} == {"ack"}, "no 'fora do prazo' after the ack"
+
+
+class _NoAck:
+    def __init__(self, inbox):
+        self.inbox = inbox
+
+    def __enter__(self):
+        self.inbox.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inbox.__exit__(*exc)
+
+    def fetch(self, limit=500):
+        return self.inbox.fetch(limit)
+
+    def ack(self, uid):
+        raise OSError("the mailbox went away before the flag")
+
+
+def test_one_sender_cannot_fill_the_genuine_group_of_a_pass(make, monkeypatch):
+    from dispatcher.service import GENUINE_PER_SENDER
+
+    d = make(senders=["ana@example.test", "bob@example.test"])
+    _, bob_token = TokenStore(make.tmp / "tokens.json").add("bob", senders=["bob@example.test"])
+    for i in range(GENUINE_PER_SENDER + 4):
+        drop(d, f"[{make.token}] HELP", f"<ana{i}@x>")
+    drop(d, f"[{bob_token}] HELP", "<bob@x>", sender="bob@example.test")
+    handled = []
+    real_handle = d._handle
+    monkeypatch.setattr(
+        d,
+        "_handle",
+        lambda inbox, msg, counts: (handled.append(msg.message_id), real_handle(inbox, msg, counts)),
+    )
+    d.poll_once()
+    assert handled.index("<bob@x>") == GENUINE_PER_SENDER, "bob right after ana's first few"
+    assert len(handled) == GENUINE_PER_SENDER + 5
