@@ -279,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("token", help="manage command tokens (stored hashed)")
-    c.add_argument("--tokens-file", help="tokens file (default: auth.tokens_file of the config)")
+    c.add_argument(
+        "--tokens-file",
+        help="tokens file (default: auth.tokens_file of the config); its server key is athome.key beside it",
+    )
     ts = c.add_subparsers(dest="action", required=True)
     a = ts.add_parser("add", help="create a random token bound to senders; printed once")
     a.add_argument("--description", required=True)
