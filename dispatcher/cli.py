@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from dispatcher import __version__, commands, config, inventory, runner
+from dispatcher.audit import AuditLog, parse_day
 from dispatcher.auth import SenderWhitelist, TokenStore
 from dispatcher.errors import AthomeError, ConfigError
 
@@ -150,11 +152,19 @@ def cmd_demo(args) -> int:
     return demo.main(Path(args.dir))
 
 
-def _tokens(args) -> TokenStore:
+def _tokens(args) -> tuple[TokenStore, AuditLog | None]:
+    """The tokens file, and the audit trail when a config names the state directory."""
     if args.tokens_file:
-        return TokenStore(args.tokens_file)
+        return TokenStore(args.tokens_file), None
     cfg = config.load(args.config)
-    return TokenStore(cfg.tokens_file, cfg.server_key())
+    return TokenStore(cfg.tokens_file, cfg.server_key()), AuditLog(cfg.audit_dir)
+
+
+def _operator() -> str:
+    """Who ran a CLI change, for the audit trail (sudo keeps the real user)."""
+    import getpass
+
+    return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
 def _print_new_token(entry, token: str, verb: str) -> None:
@@ -171,9 +181,17 @@ def cmd_token(args) -> int:
         Throttle(cfg.throttle_dir, name=lambda who: key.digest("throttle", who)[:40]).clear(
             args.sender.lower()
         )
+        AuditLog(cfg.audit_dir).record("lockout-cleared", sender=args.sender.lower(), by=_operator())
         print(f"{args.sender.lower()}: failure count and lock-out cleared")
         return 0
-    store = _tokens(args)
+    store, audit = _tokens(args)
+
+    def note(action: str, entry, **fields) -> None:
+        if audit is not None:
+            audit.record(
+                "token", action=action, token_id=entry.id, senders=entry.senders, by=_operator(), **fields
+            )
+
     if args.action == "add":
         cmds = [c.strip().upper() for c in args.commands.split(",")] if args.commands else None
         unknown = [c for c in cmds or [] if c not in commands.COMMANDS]
@@ -188,9 +206,11 @@ def cmd_token(args) -> int:
             length=args.length,
             expires=expires,
         )
+        note("add", entry, commands=entry.commands, admin=entry.admin, expires=entry.expires)
         _print_new_token(entry, token, "created")
     elif args.action == "rotate":
         entry, token = store.rotate(args.id, length=args.length)
+        note("rotate", entry)
         _print_new_token(entry, token, "rotated")
         print("The old token stopped working now.")
     elif args.action == "list":
@@ -207,16 +227,49 @@ def cmd_token(args) -> int:
             print("\t".join([e.id, state, admin, scope, who, f"expires {expires}", *legacy, e.description]))
     elif args.action in ("disable", "enable"):
         e = store.set_enabled(args.id, args.action == "enable")
+        note(args.action, e)
         print(f"{e.id} {args.action}d")
     elif args.action == "import":
-        for note in store.import_legacy(
+        before = {e.id for e in store.entries()}
+        for line in store.import_legacy(
             args.file, args.sender, expires_days=args.expires_days, allow_weak=args.allow_weak
         ):
-            print(note)
+            print(line)
+        for e in store.entries():
+            if e.id not in before:
+                note("import", e, legacy=True, enabled=e.enabled, expires=e.expires)
         print(
             "These tokens were stored and committed in clear by the legacy system: give each person "
             "a new one (athome token add / rotate) before they expire."
         )
+    return 0
+
+
+def cmd_audit(args) -> int:
+    cfg = config.load(args.config)
+    trail = AuditLog(cfg.audit_dir)
+    if args.action == "verify":
+        count, problems = trail.verify()
+        for p in problems:
+            print(f"PROBLEM: {p}")
+        print(
+            f"{count} record(s) checked in {cfg.audit_dir}: "
+            + ("chain broken" if problems else "chain intact")
+        )
+        return 1 if problems else 0
+    try:
+        since = parse_day(args.since) if args.since else None
+        until = parse_day(args.until, end=True) if args.until else None
+    except ValueError as exc:
+        raise AthomeError(str(exc)) from None
+    for rec in trail.search(args.sender, args.command, since, until):
+        if args.json:
+            print(json.dumps(rec, ensure_ascii=False))
+            continue
+        what = rec.get("command") or rec.get("subject") or rec.get("action") or ""
+        who = rec.get("sender") or rec.get("by") or ""
+        row = (rec["at"][:19], rec["event"], rec.get("request_id", "-"), who, rec.get("outcome", "-"), what)
+        print("\t".join(str(x) for x in (*row, rec.get("reason", ""))))
     return 0
 
 
@@ -308,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = ts.add_parser("unlock", help="end a sender's lock-out after bad tokens")
     x.add_argument("sender")
     c.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("audit", help="the audit trail: search it, or verify its hash chain")
+    c.add_argument("action", nargs="?", choices=["show", "verify"], default="show")
+    c.add_argument("--sender", help="only this sender's records")
+    c.add_argument("--command", help="only this command (CHECKIP, MACCHANGE, ...)")
+    c.add_argument("--since", help="from this UTC day or time (YYYY-MM-DD[THH:MM])")
+    c.add_argument("--until", help="up to this UTC day or time (YYYY-MM-DD[THH:MM])")
+    c.add_argument("--json", action="store_true", help="JSON Lines, for tools")
+    c.set_defaults(func=cmd_audit)
 
     c = sub.add_parser("queue", help="inspect and repair the job queue")
     qs = c.add_subparsers(dest="queue_cmd", required=True)

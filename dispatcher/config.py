@@ -134,6 +134,10 @@ class Config:
         return self.state_dir / "log"
 
     @property
+    def audit_dir(self) -> Path:
+        return self.state_dir / "audit"
+
+    @property
     def throttle_dir(self) -> Path:
         return self.state_dir / "throttle"
 

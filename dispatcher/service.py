@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher import commands, grammar, mailauth, runner
+from dispatcher.audit import AuditLog
 from dispatcher.auth import (
     TOKEN_PROBLEMS,
     Identity,
@@ -96,6 +97,8 @@ class Dispatcher:
         self._sender = sender or self._default_sender()
         self._locks: list[int] = []
         self._pruned_at = float("-inf")
+        self.audit = AuditLog(cfg.audit_dir)
+        self._decision: dict[str, Any] = {}  # what _decide found, for the audit record
 
     # ------------------------------------------------------------- plumbing
 
@@ -306,13 +309,29 @@ class Dispatcher:
         return self.cfg.seen_dir / self._message_key(msg)
 
     def _screen(self, msg: Incoming) -> str:
-        """What needs no record and gets no reply: automatic mail, a message with a
-        duplicated identity header, a reply to our own mail without a token, a sender
-        not on the whitelist. Returns the sender, or '' when the message is ignored."""
+        """What needs no ledger entry and gets no reply (only an audit record): automatic
+        mail, a duplicated identity header, a reply to our own mail without a token, a
+        sender not on the whitelist. Returns the sender, or '' when the message is ignored."""
+        sender = self._screened(msg)
+        if not sender:
+            self.audit.record(
+                "message",
+                uid=msg.uid,
+                sender=" ".join(msg.from_header.split())[:200],
+                subject=grammar.mask_subject(msg.subject),
+                outcome="ignored",
+                **self._decision,
+            )
+        return sender
+
+    def _screened(self, msg: Incoming) -> str:
+        self._decision = {}
         if msg.automated:
+            self._decision["reason"] = f"automatic mail ({msg.automated})"
             log.info("ignored message uid %s: automatic mail (%s)", msg.uid, msg.automated)
             return ""
         if msg.duplicated:
+            self._decision["reason"] = f"more than one {'/'.join(msg.duplicated)} header"
             # DKIM verifies the bottom-most copy of a header, we would read the topmost: a
             # copy added above a signed one could change the command or its date.
             log.warning("ignored message uid %s: more than one %s header", msg.uid, "/".join(msg.duplicated))
@@ -320,15 +339,18 @@ class Dispatcher:
         if grammar.lenient_token(msg.subject).token is None and answers_us(msg):
             # A person answered one of our replies without a command: nothing to do, no alarm.
             log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
+            self._decision["reason"] = "a reply to our own mail without a token"
             return ""
         try:
             sender = sender_address(msg.from_header)
         except AuthError as exc:
             log.warning("ignored message uid %s: %s", msg.uid, exc.detail)
+            self._decision["reason"] = exc.detail
             return ""
         if not self.whitelist.allows(sender):
             # No reply (no backscatter to forged or unknown senders): a log line is all.
             log.warning("ignored message uid %s from %s: not on the whitelist", msg.uid, sender)
+            self._decision["reason"] = "not on the whitelist"
             return ""
         return sender
 
@@ -345,6 +367,9 @@ class Dispatcher:
         if request_id and decided.exists():
             # The same message again (delivered twice, copied back, replayed): handled once.
             log.warning("ignored message uid %s: a copy of request %s, already handled", msg.uid, request_id)
+            self._audit_message(
+                msg, sender, request_id, "ignored", reason="a copy of a message already handled"
+            )
             return "ignored"
         if request_id is None:
             request_id = new_request_id()
@@ -356,12 +381,29 @@ class Dispatcher:
             # again, which could now refuse (a Date grown stale) what was accepted.
             self._queue_ack(job, msg)
             outcome = "queued"
+            self._decision = {
+                "reason": "confirmed again after a crash",
+                "command": job.payload["command_text"],
+            }
         else:
             outcome = self._decide(msg, request_id, sender)
+        self._audit_message(msg, sender, request_id, outcome, **self._decision)
         # Not fsync'd: if a crash loses it, the message is decided again under the same
         # request id (above), which queues and answers nothing twice.
         decided.write_text(outcome)
         return outcome
+
+    def _audit_message(self, msg: Incoming, sender: str, request_id: str, outcome: str, **fields) -> None:
+        self.audit.record(
+            "message",
+            key=self._message_key(msg)[:16],  # the ledger's HMAC: the same message, the same key
+            uid=msg.uid,
+            sender=sender,
+            subject=grammar.mask_subject(msg.subject),
+            request_id=request_id,
+            outcome=outcome,
+            **fields,
+        )
 
     def _write_marker(self, marker: Path, request_id: str) -> None:
         """The request id, durably: every later write is idempotent by it."""
@@ -388,6 +430,7 @@ class Dispatcher:
         """For a screened, whitelisted sender: authenticate (provenance, freshness,
         lock-out, token), parse, check permission; then queue the job or answer.
         Cheapest refusals first."""
+        self._decision = {}
         subject_error = None
         try:
             found = grammar.find_token(msg.subject)
@@ -397,6 +440,7 @@ class Dispatcher:
         masked = grammar.mask_subject(msg.subject, found.token)
         if self.cfg.ar_required:
             verdict = self._sender_verdict(msg, sender)
+            self._decision["verdict"] = verdict.reason
             if not verdict.ok:
                 return self._refuse_unauthenticated(msg, request_id, sender, masked, verdict)
         fresh = mailauth.check_date(
@@ -407,6 +451,7 @@ class Dispatcher:
         )
         if not fresh.ok:
             log.warning("refused %s from %s: Date %r (%s)", request_id, sender, msg.date, fresh.reason)
+            self._decision["reason"] = f"Date {msg.date!r} outside the freshness window"
             return self._refuse(
                 msg,
                 request_id,
@@ -422,6 +467,7 @@ class Dispatcher:
                 "refused %s from %s: locked out after bad tokens (token not checked)", request_id, sender
             )
             until = time.strftime("%d/%m/%Y %H:%M UTC", time.gmtime(locked))
+            self._decision["reason"] = "sender locked out (token not checked)"
             return self._refuse(
                 msg,
                 request_id,
@@ -439,6 +485,7 @@ class Dispatcher:
         except AuthError as exc:
             return self._refuse_token(msg, request_id, sender, masked, exc, found)
         identity = Identity(sender, entry.id, entry.description, entry.admin)
+        self._decision["token_id"] = entry.id
         try:
             if subject_error is not None:
                 subject_error.example = subject_error.example or commands.examples()
@@ -449,6 +496,7 @@ class Dispatcher:
             # The message may quote what was typed (a token in the wrong place): masked too.
             problem = grammar.mask_text(exc.message, found.token)
             log.info("rejected %s from %s: %s", request_id, sender, problem)
+            self._decision.update(reason=problem, command_name=exc.command or "")
             self._queue_reply(
                 f"{request_id}-reply",
                 "rejected",
@@ -462,7 +510,9 @@ class Dispatcher:
             )
             return "replied"
         spec = commands.spec_for(cmd.name)
+        self._decision.update(command=cmd.text, command_name=cmd.name)
         if not may_run(identity, self.auth_store, cmd.name, spec.admin_only):
+            self._decision["reason"] = f"the token may not run {cmd.name}"
             log.warning("denied %s %s to %s (token %s)", request_id, cmd.name, sender, identity.token_id)
             self._queue_reply(
                 f"{request_id}-reply",
@@ -588,6 +638,7 @@ class Dispatcher:
         """A bad token from an authenticated, whitelisted sender: count it (lock-out), tell
         the admins with the requester in copy (the legacy "Token Invalido"), capped."""
         code = exc.detail
+        self._decision.update(reason=f"token {code}", token_id=exc.token_id)
         if code == "missing":
             # Ordinary mail without a token is no guess: it must not let anyone who can
             # re-send a colleague's signed mail lock that colleague out.

@@ -261,3 +261,35 @@ def test_folded_and_encoded_from_headers_reach_the_queue_and_get_a_reply(site, d
     assert len(pending_jobs(site)) == len(FROMS)
     acks = replies(smtp)
     assert len(acks) == len(FROMS) and all(m["To"] == REQUESTER for m in acks)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def test_every_decision_is_in_an_intact_audit_trail_without_secrets(site, dovecot, smtp):
+    dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=3.3.3.3", msgid="<a1@x>"))
+    dovecot.deliver(USER, command_email("[0123456789ABCDEF] CHECKIP=3.3.3.3", msgid="<a2@x>"))
+    dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<a3@x>", results=None))
+    dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", sender="eve@example.test", msgid="<a4@x>"))
+    athome(site["cfg"], "poll", "--once")
+    athome(site["cfg"], "token", "rotate", "t1")
+    records = [json.loads(line) for line in athome(site["cfg"], "audit", "--json").stdout.splitlines()]
+    by_outcome = {(r["event"], r.get("outcome"), r.get("reason", "")): r for r in records}
+    queued = by_outcome[("message", "queued", "")]
+    assert queued["command"] == "CHECKIP=3.3.3.3" and queued["token_id"] == "t1"
+    assert "dmarc=pass" in queued["verdict"] or "dkim=pass" in queued["verdict"]
+    assert ("message", "replied", "token unknown") in by_outcome
+    refused = [r for r in records if "no Authentication-Results" in r.get("verdict", "")]
+    assert len(refused) == 1 and refused[0]["outcome"] == "replied"
+    assert ("message", "ignored", "not on the whitelist") in by_outcome
+    rotated = [r for r in records if r["event"] == "token"]
+    assert rotated and rotated[0]["action"] == "rotate" and rotated[0]["token_id"] == "t1"
+    table = athome(site["cfg"], "audit", "--sender", REQUESTER, "--command", "CHECKIP").stdout
+    assert "CHECKIP=3.3.3.3" in table and "eve@" not in table
+    assert "chain intact" in athome(site["cfg"], "audit", "verify").stdout
+    [path] = (site["state"] / "audit").glob("audit-*.jsonl")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1] + lines[2:]))  # someone removes a line
+    broken = athome(site["cfg"], "audit", "verify", check=False)
+    assert broken.returncode == 1 and "chain broken" in broken.stdout
+    assert_no_secret(site, smtp)  # the audit files are under the state dir it scans
