@@ -31,6 +31,18 @@ from dispatcher.sandbox import (  # noqa: F401 - re-exported for the tests
 )
 
 
+def wait_for(condition, what: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds, or as soon as
+    `proc` (the process expected to make it hold) has exited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def short_tmpdir(prefix: str) -> Path:
     """A scratch dir with a short path, readable by the daemons' own users."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

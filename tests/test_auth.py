@@ -124,10 +124,11 @@ LEGACY = [
 def test_legacy_import_takes_both_shapes_bound_expiring_and_marked(store, tmp_path, shape):
     legacy = tmp_path / "legacy.json"
     legacy.write_text(json.dumps({"tokens": LEGACY} if shape == "object" else LEGACY))
+    now = time.time()
     notes = store.import_legacy(legacy, senders=[ANA], expires_days=30)
     assert "A1B2C3D4" not in store.path.read_text()
     entry = store.check("A1B2C3D4", ANA)
-    assert entry.legacy and 29 * 86400 < entry.expires - time.time() <= 30 * 86400
+    assert entry.legacy and 30 * 86400 <= entry.expires - now < 31 * 86400
     assert code(store, "A1B2C3D4", "bob@example.test") == "not-bound"
     assert code(store, "12345678") == "disabled" and code(store, "DEADBEEF") == "disabled"
     assert code(store, "9F8E7D6C") == "disabled"

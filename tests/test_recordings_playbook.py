@@ -365,10 +365,8 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     assert short.succeeded and short.hosts["localhost"].status == "ok", short.to_dict()
     url = only_report(short)[1]["url"]
     assert url != report["url"]
-    deadline = time.monotonic() + 30  # the link expires 1 s after signing: wait for it, bounded
-    while http_status(url) != 403 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert http_status(url) == 403
+    # the link expires 1 s after signing: wait for it, bounded
+    servers.wait_for(lambda: http_status(url) == 403, "the short link to expire", timeout=30)
     assert http_status(report["url"]) == 200
 
     # results older than recordings_s3_results_max_age_days (here ~1 s) are deleted on the next run

@@ -40,6 +40,7 @@ from dispatcher.service import Dispatcher
 from tests import recordings_support as rs
 from tests import servers
 from tests.messages import AUTH
+from tests.servers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 REQUESTER = "ana@example.test"
@@ -535,14 +536,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_for(condition, what: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the service exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_service_killed_mid_run_leaves_no_secret_and_the_next_start_removes_its_run_dir(
