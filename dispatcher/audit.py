@@ -35,6 +35,7 @@ def _digest(line: bytes) -> str:
 class AuditLog:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._tail: tuple[Path, int, str] | None = None  # (file, its size, digest of its last line)
 
     def files(self) -> list[Path]:
         if not self.root.is_dir():
@@ -66,15 +67,23 @@ class AuditLog:
         """Append one record (fsync'd) and return it."""
         now = datetime.now(timezone.utc)
         with self._locked():
+            path = self.root / f"audit-{now:%Y-%m}.jsonl"
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = -1
+            # Nobody wrote since our last record (same size): no need to read the file back.
+            unchanged = self._tail is not None and self._tail[:2] == (path, size)
+            prev = self._tail[2] if unchanged else self._last_digest()
             rec = {"at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": event}
             rec.update({k: v for k, v in fields.items() if v not in (None, "", [], {})})
-            rec["prev"] = self._last_digest()
+            rec["prev"] = prev
             line = (json.dumps(rec, ensure_ascii=False, sort_keys=False) + "\n").encode()
-            path = self.root / f"audit-{now:%Y-%m}.jsonl"
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)
                 os.fsync(fd)
+                self._tail = (path, os.fstat(fd).st_size, _digest(line))
             finally:
                 os.close(fd)
         return rec
