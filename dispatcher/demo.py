@@ -207,6 +207,11 @@ def main(root: Path) -> int:
         for z in sorted((root / "www" / "recordings").glob("*.zip")):
             print(f"   audio: published {z} ({z.stat().st_size} bytes)")
         print(f"\nReplies (.eml) are in {cfg.maildir_outbox}/new; the queue is in {cfg.queue_dir}.")
+        count, broken = dispatcher.audit.verify()
+        print(
+            f"Audit trail: {count} records in {cfg.audit_dir} (athome --config {cfg_path} audit), "
+            f"hash chain {'BROKEN' if broken else 'intact'}."
+        )
         # Expected: CHECKIP, one MACCHANGE and both RAMAIS done; the MACCHANGE with a
         # wrong MACATUAL refused on the server (the other mistakes never reach a job).
         done, failed = dispatcher.jobs.count("done"), dispatcher.jobs.count("failed")
