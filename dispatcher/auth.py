@@ -15,7 +15,9 @@ reply never reveals that a token exists for somebody else.
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
+import fcntl
 import hashlib
 import hmac
 import json
@@ -23,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,6 +48,7 @@ _SCRYPT = {"n": 2**13, "r": 8, "p": 1}
 _ADDRESS = re.compile(r"[A-Za-z0-9._+\-]{1,64}@[A-Za-z0-9.\-]{1,189}", re.ASCII)
 _KEY_CHECK = b"athome-ops server key check"
 STORE_VERSION = 2
+BACKUPS_KEPT = 20  # senders-file backups kept after a change
 MAX_FROM_CHARS = 1024
 
 
@@ -142,6 +146,89 @@ class SenderWhitelist:
 
     def allows(self, address: str) -> bool:
         return address.lower() in self.addresses()
+
+    # changing the file (WHITELIST by email, `athome whitelist`) -----------------
+    def add(self, address: str) -> bool:
+        """Add an address to the senders file; False when it was already allowed."""
+        address = address.strip().lower()
+        if not valid_address(address):
+            raise AthomeError(f"{address!r} is not an accepted address")
+        with self._file_lock():
+            if address in self.addresses():
+                return False
+            lines = self._lines()
+            self._rewrite([*lines, address])
+        return True
+
+    def remove(self, address: str) -> bool:
+        """Remove an address from the senders file; False when it was not in it. An inline
+        address (in the config) cannot be removed here: AthomeError."""
+        address = address.strip().lower()
+        if address in self.inline:
+            raise AthomeError(f"{address} is in the config file (auth.senders), not in the senders file")
+        with self._file_lock():
+            self._reload()
+            if address not in self._from_file:
+                return False
+            kept = []
+            for line in self._lines():
+                body, hash_, comment = line.partition("#")
+                parts = [a.strip() for a in body.split(",") if a.strip()]
+                if address not in (a.lower() for a in parts):
+                    kept.append(line)
+                    continue
+                rest = [a for a in parts if a.lower() != address]
+                if rest or comment.strip():
+                    kept.append(", ".join(rest) + (f"  {hash_}{comment}" if hash_ else ""))
+            self._rewrite(kept)
+        return True
+
+    def _require_file(self) -> Path:
+        if self.path is None:
+            raise AthomeError("no senders file is configured (auth.senders_file)")
+        return self.path
+
+    def _lines(self) -> list[str]:
+        path = self._require_file()
+        return path.read_text().splitlines() if path.exists() else []
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        path = self._require_file()
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        """Replace the file atomically, after a timestamped backup of the list it replaces
+        (the newest BACKUPS_KEPT are kept in <file>.backups/)."""
+        path = self._require_file()
+        if path.exists():
+            backups = path.with_name(f"{path.name}.backups")
+            backups.mkdir(mode=0o700, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
+            shutil.copy2(path, backups / f"{path.name}.{stamp}")
+            for old in sorted(backups.iterdir())[:-BACKUPS_KEPT]:
+                old.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                st = path.stat()
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, st.st_mode & 0o777)
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._mtime = None
 
 
 # ------------------------------------------------------------------ the server key
@@ -540,10 +627,13 @@ class Identity:
     admin: bool
 
 
-def may_run(identity: Identity, store: TokenStore, command: str, admin_only: bool) -> bool:
-    if admin_only and not identity.admin:
-        return False
+def may_run(identity: Identity, store: TokenStore, command: str, permission: str) -> bool:
+    """`permission` is the command's (commands.ALWAYS / TOKEN / ADMIN)."""
+    if permission == "admin":
+        return identity.admin
+    if permission == "always":
+        return True
     entry = next((e for e in store.entries() if e.id == identity.token_id), None)
     if entry is None:
         return False
-    return entry.commands is None or command in entry.commands or command in ("HELP", "STATUS")
+    return entry.commands is None or command in entry.commands

@@ -245,6 +245,34 @@ def cmd_token(args) -> int:
     return 0
 
 
+def cmd_whitelist(args) -> int:
+    """The same operations as WHITELIST by email, for an operator on the controller."""
+    from dispatcher.commands.whitelist import change, listing
+
+    cfg = config.load(args.config)
+    whitelist = SenderWhitelist(cfg.senders, cfg.senders_file)
+    if args.action != "list":
+        from dispatcher.auth import valid_address
+
+        address = args.address.strip().lower()
+        if not valid_address(address):
+            raise AthomeError(
+                f"{args.address!r} is not an accepted address (letters, digits, . - _ + and one @)"
+            )
+        outcome, why = change(
+            whitelist, TokenStore(cfg.tokens_file, cfg.server_key()), args.action.upper(), address
+        )
+        AuditLog(cfg.audit_dir).record(
+            "whitelist", action=args.action, address=address, outcome=outcome, reason=why, by=_operator()
+        )
+        print(f"{outcome}: {why}")
+        if outcome == "refused":
+            return 1
+    for entry in listing(whitelist):
+        print(entry["address"] + ("\t(config file: auth.senders)" if entry["inline"] else ""))
+    return 0
+
+
 def cmd_audit(args) -> int:
     cfg = config.load(args.config)
     trail = AuditLog(cfg.audit_dir)
@@ -361,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     x = ts.add_parser("unlock", help="end a sender's lock-out after bad tokens")
     x.add_argument("sender")
     c.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("whitelist", help="the senders allowed to send commands (as WHITELIST by email)")
+    ws = c.add_subparsers(dest="action", required=True)
+    for name in ("add", "remove"):
+        x = ws.add_parser(name)
+        x.add_argument("address")
+    ws.add_parser("list")
+    c.set_defaults(func=cmd_whitelist)
 
     c = sub.add_parser("audit", help="the audit trail: search it, or verify its hash chain")
     c.add_argument("action", nargs="?", choices=["show", "verify"], default="show")

@@ -232,15 +232,16 @@ mask_token = mask_subject  # the name earlier versions used
 # ------------------------------------------------------------- KEY=value pairs
 
 
-def check_charset(text: str, example: str = "") -> None:
-    match = _ALLOWED.fullmatch(text)
-    if match:
+def check_charset(text: str, example: str = "", extra: str = "") -> None:
+    """Only letters, digits, space and = , : / . - _ (plus `extra`, e.g. '@+' for addresses)."""
+    allowed = _ALLOWED if not extra else re.compile(rf"[A-Za-z0-9 =,:/._\-{re.escape(extra)}]*", re.ASCII)
+    if allowed.fullmatch(text):
         return
-    bad = next(ch for ch in text if not _ALLOWED.fullmatch(ch))
+    bad = next(ch for ch in text if not allowed.fullmatch(ch))
     shown = bad if bad.isprintable() and bad != " " else f"U+{ord(bad):04X}"
     raise GrammarError(
         f"O comando contém o caractere “{shown}”, que não faz parte da sintaxe. "
-        "Use só letras, dígitos, espaço e = , : / . - _",
+        f"Use só letras, dígitos, espaço e = , : / . - _{' ' + ' '.join(extra) if extra else ''}",
         example,
     )
 

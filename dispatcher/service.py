@@ -511,7 +511,7 @@ class Dispatcher:
             return "replied"
         spec = commands.spec_for(cmd.name)
         self._decision.update(command=cmd.text, command_name=cmd.name)
-        if not may_run(identity, self.auth_store, cmd.name, spec.admin_only):
+        if not may_run(identity, self.auth_store, cmd.name, spec.permission):
             self._decision["reason"] = f"the token may not run {cmd.name}"
             log.warning("denied %s %s to %s (token %s)", request_id, cmd.name, sender, identity.token_id)
             self._queue_reply(
@@ -525,7 +525,7 @@ class Dispatcher:
             )
             return "replied"
         if spec.playbook is None:
-            self._answer_directly(cmd, sender, msg, request_id, identity.admin)
+            self._answer_directly(spec, cmd, sender, msg, request_id, identity.admin)
             return "replied"
         payload = {
             "command": cmd.name,
@@ -715,23 +715,26 @@ class Dispatcher:
         )
         return "replied"
 
-    def _answer_directly(self, cmd: Command, sender: str, msg: Incoming, request_id: str, admin: bool):
-        if cmd.name == "HELP":
-            specs = [s for s in commands.COMMANDS.values() if not s.admin_only or admin]
-            self._queue_reply(f"{request_id}-reply", "help", to=[sender], msg=msg, commands=specs)
-            return
-        asked = cmd.params["request_id"]
-        job = self.jobs.find(asked)
-        if job is not None and job.payload.get("requester") != sender and not admin:
-            job = None  # nobody reads somebody else's requests
+    def _answer_directly(self, spec, cmd: Command, sender: str, msg: Incoming, request_id: str, admin: bool):
+        """A command without a playbook: its spec answers (HELP, STATUS, WHITELIST)."""
+        ctx = commands.AnswerContext(
+            sender=sender,
+            admin=admin,
+            request_id=request_id,
+            specs=list(commands.COMMANDS.values()),
+            jobs=self.jobs,
+            whitelist=self.whitelist,
+            tokens=self.auth_store,
+            audit=self.audit,
+        )
+        answer = spec.answer(cmd, ctx)
         self._queue_reply(
             f"{request_id}-reply",
-            "status",
+            answer.template,
             to=[sender],
             msg=msg,
-            asked_id=asked,
-            job=job,
-            position=self.jobs.position(asked) if job else 0,
+            request_id=request_id,
+            **answer.values,
         )
 
     # -------------------------------------------------------------- replies

@@ -105,10 +105,10 @@ def test_rotate_replaces_the_token_and_keeps_its_binding(store):
 def test_token_scope_limits_commands(store):
     entry, token = store.add("recordings only", senders=[ANA], commands=["RAMAIS"])
     ident = Identity(ANA, entry.id, entry.description, entry.admin)
-    assert may_run(ident, store, "RAMAIS", admin_only=False)
-    assert not may_run(ident, store, "CHECKIP", admin_only=False)
-    assert may_run(ident, store, "HELP", admin_only=False)
-    assert not may_run(ident, store, "RAMAIS", admin_only=True)
+    assert may_run(ident, store, "RAMAIS", "token")
+    assert not may_run(ident, store, "CHECKIP", "token")
+    assert may_run(ident, store, "HELP", "always")
+    assert not may_run(ident, store, "WHITELIST", "admin")
 
 
 LEGACY = [

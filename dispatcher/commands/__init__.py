@@ -1,7 +1,8 @@
 """The command registry: every command the mailbox accepts, one module each.
 
 To add a command, write dispatcher/commands/<name>.py (a CommandSpec
-subclass), its reply templates, its playbook, and list it in COMMANDS below.
+subclass: its head words, grammar, permission, and its playbook or `answer`),
+its reply templates, its playbook if it has one, and list it in COMMANDS below.
 """
 
 from __future__ import annotations
@@ -9,20 +10,31 @@ from __future__ import annotations
 import re
 
 from dispatcher import grammar
-from dispatcher.commands.base import Command, CommandSpec
+from dispatcher.commands.base import ADMIN, ALWAYS, TOKEN, Answer, AnswerContext, Command, CommandSpec
 from dispatcher.commands.checkip import CheckIP
 from dispatcher.commands.info import Help, Status
 from dispatcher.commands.macchange import MacChange
 from dispatcher.commands.ramais import Ramais
+from dispatcher.commands.whitelist import Whitelist
 from dispatcher.errors import GrammarError
 
 COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec for spec in (Ramais(), CheckIP(), MacChange(), Help(), Status())
+    spec.name: spec for spec in (Ramais(), CheckIP(), MacChange(), Help(), Status(), Whitelist())
 }
-# Words that start a command without a '=' after them.
-_BARE = {"HELP": "HELP", "AJUDA": "HELP", "STATUS": "STATUS"}
+_BY_HEAD = {head: spec for spec in COMMANDS.values() for head in spec.heads}
 
-__all__ = ["COMMANDS", "Command", "CommandSpec", "parse", "spec_for"]
+__all__ = [
+    "ADMIN",
+    "ALWAYS",
+    "COMMANDS",
+    "TOKEN",
+    "Answer",
+    "AnswerContext",
+    "Command",
+    "CommandSpec",
+    "parse",
+    "spec_for",
+]
 
 
 def spec_for(name: str) -> CommandSpec:
@@ -30,7 +42,7 @@ def spec_for(name: str) -> CommandSpec:
 
 
 def examples() -> str:
-    return "\n".join(spec.example for spec in COMMANDS.values())
+    return "\n".join(spec.example for spec in COMMANDS.values() if spec.permission != ADMIN)
 
 
 def parse(text: str, ctx: grammar.ParseContext) -> Command:
@@ -40,10 +52,11 @@ def parse(text: str, ctx: grammar.ParseContext) -> Command:
         raise GrammarError("O assunto não traz nenhum comando depois do token.", examples())
     first = text.split(" ", 1)[0]
     head = re.match(r"[A-Za-z]*", first).group(0).upper()
-    bare = head in _BARE and first.upper() == head
-    spec = COMMANDS.get(_BARE[head]) if bare else COMMANDS.get(head)
-    grammar.check_charset(text, spec.example if spec else examples())
-    if spec is None or (spec.playbook is None and not bare):
+    spec = _BY_HEAD.get(head)
+    if spec is not None and spec.form == "words" and first.upper() != head:
+        spec = None  # 'HELP=1', 'STATUSX': a word command is its head word alone
+    grammar.check_charset(text, spec.example if spec else examples(), spec.extra_chars if spec else "")
+    if spec is None:
         shown = first.split("=", 1)[0]
         raise GrammarError(f"Comando desconhecido: “{shown[:30]}”.", examples())
     return spec.parse(text, ctx)

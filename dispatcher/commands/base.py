@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dispatcher.audit import AuditLog
+    from dispatcher.auth import SenderWhitelist, TokenStore
     from dispatcher.grammar import ParseContext
+    from dispatcher.jobqueue import DirQueue
     from dispatcher.runner import PlaybookResult
+
+# Who may run a command (CommandSpec.permission).
+ALWAYS = "always"  # any valid token (HELP, STATUS)
+TOKEN = "token"  # noqa: S105 - a token whose scope carries the command (or has no scope)
+ADMIN = "admin"  # an admin token only
+
+
+@dataclass(frozen=True)
+class AnswerContext:
+    """What a dispatcher-side command may read or change while answering (no playbook)."""
+
+    sender: str
+    admin: bool
+    request_id: str
+    specs: Sequence[CommandSpec]
+    jobs: DirQueue
+    whitelist: SenderWhitelist
+    tokens: TokenStore
+    audit: AuditLog
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A dispatcher-side command's reply: templates/<template>.*.j2 with these values."""
+
+    template: str
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -20,22 +51,40 @@ class Command:
 
 
 class CommandSpec:
-    """One command's whole definition: grammar, who may run it, playbook, extravars, replies.
+    """One command's whole definition: head words, grammar, who may run it, its playbook
+    (with extravars and reply template) or its dispatcher-side `answer`.
 
-    Subclasses set the class attributes and implement `parse`; commands that
-    run a playbook implement `extravars` (and `limit` when they target one host).
+    Subclasses set the class attributes and implement `parse`; commands that run a
+    playbook implement `extravars` (and `limit` when they target one host); commands
+    without one implement `answer`.
     """
 
     name: str = ""
+    aliases: tuple[str, ...] = ()  # other head words (AJUDA for HELP)
+    # 'keywords': HEAD=value KEY=value ...; 'words': HEAD arg arg (HELP, STATUS <id>, ...)
+    form: str = "keywords"
+    extra_chars: str = ""  # characters beyond grammar's base set that the command needs ('@')
+    permission: str = TOKEN
     summary: str = ""  # one line, pt-BR, for HELP
     syntax: str = ""  # the grammar as users type it
     example: str = ""  # a correct subject after the token
-    playbook: str | None = None  # None: answered by the dispatcher itself (HELP, STATUS)
+    playbook: str | None = None  # None: answered by the dispatcher itself (`answer`)
     template: str = "result"  # replies: templates/<template>.txt.j2 and .html.j2
-    admin_only: bool = False
     # Hosts of controller-side plays (input checks on localhost) that are not
     # part of the answer; a command whose work runs on the controller clears it.
     ignore_hosts: tuple[str, ...] = ("localhost",)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    @property
+    def admin_only(self) -> bool:
+        return self.permission == ADMIN
+
+    def answer(self, cmd: Command, ctx: AnswerContext) -> Answer:
+        """The reply of a command the dispatcher answers itself (playbook None)."""
+        raise NotImplementedError
 
     def relevant(self, result: PlaybookResult) -> PlaybookResult:
         """The result without the hosts that are not part of the answer."""
