@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -101,6 +102,7 @@ class Config:
     retention_days: float = 90.0
     poll_interval: float = 30.0
     brand: str = "ATHome"
+    timezone: str = "America/Sao_Paulo"  # times shown to requesters (zoneinfo name)
     aws_credentials_file: Path | None = None  # what AWS_SHARED_CREDENTIALS_FILE points to, if set here
     secret_problems: list[str] = field(default_factory=list)
 
@@ -305,6 +307,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
         "worker",
         "recordings",
         "brand",
+        "timezone",
     }
     for key in data:
         if key not in known:
@@ -315,6 +318,11 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     if inv:
         cfg.inventory = _path(REPO_ROOT, inv) if not Path(inv).is_absolute() else Path(inv)
     cfg.brand = str(data.get("brand", cfg.brand))
+    cfg.timezone = str(data.get("timezone", cfg.timezone))
+    try:
+        ZoneInfo(cfg.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        problems.append(f"timezone: {cfg.timezone!r} is not a time zone name (e.g. America/Sao_Paulo)")
 
     mail = data.get("mail") or {}
     cfg.transport = mail.get("transport", "imap")

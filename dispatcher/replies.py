@@ -9,7 +9,8 @@ passed as data, never as template source, and the HTML side autoescapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateNotFound
 
@@ -41,12 +42,22 @@ def br_datetime(value: str) -> str:
         return str(value)
 
 
-def br_utc(value: str) -> str:
-    """'2025-11-29T20:31:36Z' -> '29/11/2025 20:31 UTC'."""
+DEFAULT_TIMEZONE = "America/Sao_Paulo"
+
+
+def local_time(value: str | float | int, tz: str = DEFAULT_TIMEZONE) -> str:
+    """An instant ('2025-11-29T20:31:36Z', or seconds since the epoch) as requesters read
+    it, in the operator's time zone: '29/11/2025 17:31 (UTC-03:00)'."""
     try:
-        return datetime.strptime(str(value)[:16], "%Y-%m-%dT%H:%M").strftime("%d/%m/%Y %H:%M UTC")
-    except ValueError:
+        if isinstance(value, (int, float)):
+            when = datetime.fromtimestamp(value, timezone.utc)
+        else:
+            when = datetime.strptime(str(value)[:16], "%Y-%m-%dT%H:%M").replace(tzinfo=timezone.utc)
+        local = when.astimezone(ZoneInfo(tz))
+    except (ValueError, OverflowError, OSError):
         return str(value)
+    offset = local.strftime("%z")
+    return f"{local:%d/%m/%Y %H:%M} (UTC{offset[:3]}:{offset[3:]})"
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,8 @@ class Rendered:
 
 
 class Replies:
-    def __init__(self, brand: str = "ATHome"):
+    def __init__(self, brand: str = "ATHome", tz: str = DEFAULT_TIMEZONE):
+        self.tz = tz
         common = dict(
             loader=PackageLoader("dispatcher", "templates"),
             undefined=StrictUndefined,
@@ -69,10 +81,13 @@ class Replies:
         self.html_env = Environment(autoescape=True, **common)
         for env in (self.text_env, self.html_env):
             env.filters["br_datetime"] = br_datetime
-            env.filters["br_utc"] = br_utc
+            env.filters["local_time"] = self.local_time
             env.globals.update(
                 brand=brand, marks=MARKS, host_marks=HOST_MARKS, status_pt=STATUS_PT, state_pt=STATE_PT
             )
+
+    def local_time(self, value: str | float | int) -> str:
+        return local_time(value, self.tz)
 
     def has(self, kind: str) -> bool:
         try:

@@ -92,7 +92,7 @@ class Dispatcher:
             window=cfg.lockout_window_minutes * 60,
             cooldown=cfg.lockout_cooldown_minutes * 60,
         )
-        self.replies = Replies(cfg.brand)
+        self.replies = Replies(cfg.brand, cfg.timezone)
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
         self._locks: list[int] = []
@@ -466,7 +466,7 @@ class Dispatcher:
             log.warning(
                 "refused %s from %s: locked out after bad tokens (token not checked)", request_id, sender
             )
-            until = time.strftime("%d/%m/%Y %H:%M UTC", time.gmtime(locked))
+            until = self.replies.local_time(locked)
             self._decision["reason"] = "sender locked out (token not checked)"
             return self._refuse(
                 msg,
@@ -655,7 +655,7 @@ class Dispatcher:
             failure.total,
         )
         if failure.started_lockout:
-            until = time.strftime("%d/%m/%Y %H:%M UTC", time.gmtime(failure.locked_until))
+            until = self.replies.local_time(failure.locked_until)
             self._alert_admins(
                 f"{request_id}-lockout",
                 f"remetente {sender} bloqueado por tokens inválidos",

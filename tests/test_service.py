@@ -464,3 +464,30 @@ def test_one_sender_cannot_fill_the_genuine_group_of_a_pass(make, monkeypatch):
     d.poll_once()
     assert handled.index("<bob@x>") == GENUINE_PER_SENDER, "bob right after ana's first few"
     assert len(handled) == GENUINE_PER_SENDER + 5
+
+
+def test_times_shown_to_requesters_are_in_the_operators_time_zone():
+    from dispatcher.replies import local_time
+
+    assert local_time("2025-11-29T20:31:36Z") == "29/11/2025 17:31 (UTC-03:00)"
+    assert local_time("2025-01-15T12:00:00Z", "Europe/Lisbon") == "15/01/2025 12:00 (UTC+00:00)"
+    assert local_time(1764448296, "America/Sao_Paulo") == "29/11/2025 17:31 (UTC-03:00)"
+
+
+def test_an_unknown_time_zone_is_a_config_problem(make):
+    from dispatcher.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timezone"):
+        config.from_dict({**_minimal(make.tmp), "timezone": "Brasil/Fortaleza"}, base=make.tmp)
+
+
+def _minimal(tmp):
+    return {
+        "mail": {
+            "transport": "maildir",
+            "from_address": "ops@example.test",
+            "admin_addresses": ["admin@example.test"],
+            "maildir": {"inbox": str(tmp / "in"), "outbox": str(tmp / "out")},
+        },
+        "auth": {"senders": ["ana@example.test"], "tokens_file": str(tmp / "tokens.json"), **AUTH},
+    }
