@@ -148,6 +148,34 @@ def lenient_token(raw_subject: str) -> TokenSplit:
     return _after_tags(text)
 
 
+# ------------------------------------------------------------- confirmation codes
+
+CONFIRM_WORD = "CONFIRMAR"
+CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
+CODE_CHARS = 8  # 40 bits
+_CONFIRM = re.compile(rf"\b{CONFIRM_WORD}[ :]+([0-9A-Za-z\-]{{{CODE_CHARS},{CODE_CHARS + 3}}})\b", re.ASCII)
+_CONFIRM_ANY = re.compile(rf"(\b{CONFIRM_WORD}[ :]+)\S+", re.IGNORECASE | re.ASCII)
+
+
+def normalise_code(text: str) -> str:
+    """What Crockford base32 accepts as the same code: any case, hyphens, I/L read as 1,
+    O as 0. '' when it is not a code."""
+    text = text.upper().replace("-", "").translate(str.maketrans("ILO", "110"))
+    if len(text) != CODE_CHARS or any(ch not in CODE_ALPHABET for ch in text):
+        return ""
+    return text
+
+
+def find_confirmation(subject: str) -> str | None:
+    """The code of a 'CONFIRMAR <code>' anywhere in a subject (a plain reply to our
+    confirmation request carries it), normalised; '' for a malformed one; None when
+    the subject does not confirm anything."""
+    match = _CONFIRM.search(unicodedata.normalize("NFKC", subject or "").upper())
+    if match:
+        return normalise_code(match.group(1))
+    return "" if CONFIRM_WORD in (subject or "").upper() else None
+
+
 MASK = "********"
 # Any run of 8 or more hex digits, whatever surrounds it (a token glued to a word, cut by
 # an underscore...). Only what must stay readable is protected, explicitly.
@@ -220,7 +248,7 @@ def mask_subject(raw_subject: str, token: str | None = None) -> str:
             )
         )
         cut = True
-    masked = mask_text(_mask_leading(text), token).strip()
+    masked = mask_text(_mask_leading(_CONFIRM_ANY.sub(rf"\g<1>{MASK}", text)), token).strip()
     if cut and len(masked) > MAX_SUBJECT_CHARS:
         masked = masked[:MAX_SUBJECT_CHARS] + "…"
     return masked
