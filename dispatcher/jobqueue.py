@@ -7,14 +7,24 @@ Layout under the queue's root:
     processing/  claimed by a worker (claim = one atomic rename: one winner)
     done/        finished
     failed/      finished without success (attempts spent or definitive error)
-    quarantine/  records that could not be read; reported, never retried blindly
+    quarantine/  records that cannot be handled (unreadable, corrupt, or refused by
+                 the worker); reported, never retried blindly
 
-Every write is: create tmp/<name> with O_EXCL, write, flush, fsync, then
-rename (or link) into its state dir and fsync both directories. A record
-that reaches a state dir is never edited in place: a new version is
-written to tmp/ and renamed over it. When a step is interrupted between
-writing the next state and unlinking the previous one, `recover()` keeps the
-later state (done/failed > pending > processing).
+Every write is: create tmp/<name> with O_EXCL, write it all, fsync, then
+rename (or link) into its state dir and fsync both directories. A write that
+fails (a full disk) removes its temp file. A record that reaches a state dir
+is never edited in place: a new version is written to tmp/ and renamed over
+it. When a step is interrupted between writing the next state and unlinking
+the previous one, `recover()` keeps the later state (done/failed > pending >
+processing).
+
+Faults are told apart by whose they are. A record that cannot be read for a
+reason of its own (not JSON, not a job, fields of the wrong type, not a
+regular file, permissions) is quarantined and the others go on. A fault of
+the file system or the process as a whole (no space, no file descriptors) is
+raised: nothing is quarantined for it, and what it interrupted is put back
+(a claim whose rewrite fails returns to pending/) or settled by the next
+`recover()`, which needs no free space to put a job back.
 
 The same class serves the job queue and the outgoing mail queue.
 """
@@ -27,6 +37,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +52,21 @@ STATES = ("pending", "processing", "done", "failed")
 _DIRS = ("tmp", *STATES, "quarantine")
 _SUFFIX = ".json"
 INTERRUPTED = "a execução foi interrompida (o serviço parou) e as tentativas se esgotaram"
+# Read errors that belong to one record (its permissions, its file type): it is
+# quarantined. Any other OSError is the system's and is raised.
+_RECORD_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR, errno.ENXIO})
+# Writes that fail for want of space: a record may still be moved as it is (a rename).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "payload": (dict,),
+    "created": (int, float),
+    "attempts": (int,),
+    "max_attempts": (int,),
+    "not_before": (int, float),
+    "result": (dict, type(None)),
+    "history": (list,),
+}
 
 
 def new_request_id(now: float | None = None) -> str:
@@ -50,6 +76,11 @@ def new_request_id(now: float | None = None) -> str:
     now = time.time() if now is None else now
     stamp = datetime.fromtimestamp(now, tz=timezone.utc)
     return f"{stamp:%Y%m%d_%H%M%S}_{stamp.microsecond:06d}_{secrets.token_hex(1)}"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space (or quota): the system's fault, not a record's."""
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
 
 
 def _crash_point(name: str) -> None:
@@ -80,9 +111,21 @@ class Job:
 
     @classmethod
     def from_json(cls, raw: bytes, state: str) -> Job:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        """Parse a record; ValueError for anything the queue could not work with safely."""
+        try:
+            data = json.loads(raw)
+        except RecursionError as exc:
+            raise ValueError("nested too deeply") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str) or "payload" not in data:
             raise ValueError("not a job record")
+        for key, value in data.items():
+            kinds = _FIELDS.get(key)
+            if kinds is None:
+                raise ValueError(f"unknown field {key!r}")
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise ValueError(f"field {key!r} is a {type(value).__name__}")
+        if not all(isinstance(h, dict) for h in data.get("history", [])):
+            raise ValueError("a history entry is not a mapping")
         return cls(state=state, **data)
 
 
@@ -101,16 +144,24 @@ class DirQueue:
         return self.root / state / f"{job_id}{_SUFFIX}"
 
     def _write_tmp(self, job: Job) -> Path:
+        """The whole record in a new file under tmp/, fsync'd; on any failure the file is removed."""
+        data = memoryview(job.to_json())
         tmp = self.root / "tmp" / f"{job.id}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            if os.geteuid() == 0 and self._owner[0] != 0:
-                # root (an operator's sudo) writes records the service user can still read
-                os.fchown(fd, *self._owner)
-            os.write(fd, job.to_json())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                if os.geteuid() == 0 and self._owner[0] != 0:
+                    # root (an operator's sudo) writes records the service user can still read
+                    os.fchown(fd, *self._owner)
+                while data:  # a nearly full disk takes part of a write: never a truncated record
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return tmp
 
     def _fsync_dir(self, *states: str) -> None:
@@ -124,7 +175,12 @@ class DirQueue:
     def _replace_into(self, job: Job, state: str) -> None:
         """Write job as the new version of state/<id> (atomic rename)."""
         tmp = self._write_tmp(job)
-        os.replace(tmp, self._path(state, job.id))
+        try:
+            os.replace(tmp, self._path(state, job.id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self._fsync_dir("tmp", state)
 
     def _move(self, job: Job, from_state: str, to_state: str, crash_name: str) -> None:
@@ -135,20 +191,57 @@ class DirQueue:
         self._fsync_dir(from_state)
         job.state = to_state
 
+    def _move_as_is(self, job: Job, from_state: str, to_state: str) -> None:
+        """Rename the stored record unchanged (needs no free space): the fallback of a full disk."""
+        os.rename(self._path(from_state, job.id), self._path(to_state, job.id))
+        self._fsync_dir(from_state, to_state)
+        job.state = to_state
+
     def _read(self, state: str, job_id: str) -> Job:
         path = self._path(state, job_id)
-        raw = path.read_bytes()
+        # O_NONBLOCK: a FIFO in place of a record must not hang the reader; O_NOFOLLOW: no symlinks.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         try:
-            return Job.from_json(raw, state)
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            raw = b"".join(iter(lambda: os.read(fd, 1 << 16), b"")) if regular else b""
+        finally:
+            os.close(fd)
+        try:
+            if not regular:
+                raise ValueError("not a regular file")
+            job = Job.from_json(raw, state)
+            if job.id != job_id:
+                raise ValueError(f"its id {job.id!r} is not its file name")
+            return job
         except (ValueError, TypeError) as exc:
-            self._quarantine(path, exc)
+            self._quarantine(path, f"corrupt: {exc}")
             raise QueueError(f"record {path.name} is corrupt and was quarantined: {exc}") from exc
 
-    def _quarantine(self, path: Path, exc: Exception) -> None:
+    def _load(self, state: str, job_id: str) -> Job | None:
+        """`_read` for the worker: None when the record is gone or could not be read for a
+        reason of its own (then it is quarantined); a fault of the system is raised."""
+        try:
+            return self._read(state, job_id)
+        except (FileNotFoundError, QueueError):
+            return None  # taken by another worker meanwhile, or corrupt (quarantined by _read)
+        except OSError as exc:
+            if exc.errno not in _RECORD_ERRNOS:
+                raise
+            # e.g. a record root wrote 0600 by hand: the service user cannot read it
+            self._quarantine(self._path(state, job_id), f"cannot read queue record: {exc}")
+            return None
+
+    def _quarantine(self, path: Path, reason: str) -> None:
         target = self.root / "quarantine" / f"{path.name}.{int(time.time())}"
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, target)
-        log.error("quarantined corrupt queue record %s: %s", path.name, exc)
+            self._fsync_dir(path.parent.name, "quarantine")
+        log.error("quarantined queue record %s (now %s): %s", path.name, target.name, reason)
+
+    def quarantine(self, job: Job, reason: str) -> None:
+        """Set aside a record the worker cannot handle (e.g. a payload it does not understand)."""
+        self._quarantine(self._path(job.state, job.id), reason)
+        job.state = "quarantine"
 
     # ------------------------------------------------------------ operations
 
@@ -176,50 +269,76 @@ class DirQueue:
                 if job_id:
                     return self.get(job.id)
                 continue
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             os.unlink(tmp)
             self._fsync_dir("tmp", "pending")
             log.debug("queued %s", job.id)
             return job
 
     def claim(self, now: float | None = None) -> Job | None:
-        """Take the oldest due pending job into processing/ (one winner per job)."""
+        """Take the oldest due pending job into processing/ (one winner per job).
+
+        A record that cannot be read is quarantined and the next one is tried. When
+        the claim cannot be recorded (the rewrite with attempts + 1 fails: a full disk),
+        the job goes back to pending/ unchanged and the error is raised."""
         now = time.time() if now is None else now
         for name in sorted(os.listdir(self.root / "pending")):
             if not name.endswith(_SUFFIX):
                 continue
             job_id = name[: -len(_SUFFIX)]
-            try:
-                job = self._read("pending", job_id)
-            except FileNotFoundError:
-                continue
-            except QueueError:
-                continue
-            except OSError as exc:  # e.g. a record another user wrote 0600
-                log.error("cannot read queue record %s: %s; skipped", name, exc)
-                continue
-            if job.not_before > now:
+            job = self._load("pending", job_id)
+            if job is None or job.not_before > now:
                 continue
             try:
                 os.rename(self._path("pending", job_id), self._path("processing", job_id))
             except FileNotFoundError:
                 continue  # another worker won
-            self._fsync_dir("pending", "processing")
-            _crash_point("claim-after-rename")
-            job.state = "processing"
-            job.attempts += 1
-            job.note("claimed", attempt=job.attempts)
-            self._replace_into(job, "processing")
+            try:
+                self._fsync_dir("pending", "processing")
+                _crash_point("claim-after-rename")
+                job.state = "processing"
+                job.attempts += 1
+                job.note("claimed", attempt=job.attempts)
+                self._replace_into(job, "processing")
+            except BaseException as exc:
+                self._unclaim(job_id, exc)
+                raise
             return job
         return None
+
+    def _unclaim(self, job_id: str, exc: BaseException) -> None:
+        """Put back a claim that could not be recorded: the stored record is still the pending one."""
+        try:
+            os.rename(self._path("processing", job_id), self._path("pending", job_id))
+            self._fsync_dir("processing", "pending")
+        except OSError as again:
+            log.error(
+                "%s: claim not recorded (%s) and not put back (%s); the next recovery puts it back",
+                job_id, exc, again,
+            )
+        else:
+            log.warning("%s: claim not recorded (%s); back in pending/", job_id, exc)
 
     def checkpoint(self, job: Job) -> None:
         """Persist the job's current fields (e.g. its result) while it stays in processing/."""
         self._replace_into(job, job.state)
 
     def finish(self, job: Job, success: bool = True, **detail: Any) -> None:
+        """Move the job to done/ or failed/. On a disk too full for its final version the
+        record goes there as it is (a rename: its directory says it is finished), so a
+        reply already sent is not sent again and a finished job is not completed twice."""
         target = "done" if success else "failed"
         job.note(target, **detail)
-        self._move(job, job.state, target, f"finish-{target}")
+        try:
+            self._move(job, job.state, target, f"finish-{target}")
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            log.warning("%s: no space for its final record (%s); moved to %s/ as it was", job.id, exc, target)
+            self._move_as_is(job, job.state, target)
 
     def retry_later(self, job: Job, delay: float, reason: str) -> None:
         job.not_before = time.time() + delay
@@ -243,47 +362,29 @@ class DirQueue:
         return job
 
     def recover(self, min_age: float = 0.0) -> list[str]:
-        """At start: settle what a crash left in processing/. Returns what was done, for the log.
+        """Settle what a crash or a failed write left in processing/. Returns what was done,
+        for the log.
 
-        Records younger than min_age seconds are left alone (another process may be
-        working on them: the outbox is flushed by both intake and work)."""
+        Only for a caller that knows no job in processing/ is being worked on: records
+        younger than min_age seconds are left alone (the outbox is flushed by intake and
+        work at once). One record that cannot be settled now (a full disk) is logged and
+        left for the next call; the others go on."""
         actions = []
         young = time.time() - min_age
         for name in sorted(os.listdir(self.root / "processing")):
             if not name.endswith(_SUFFIX):
                 continue
             with contextlib.suppress(FileNotFoundError):
-                if min_age and os.stat(self.root / "processing" / name).st_mtime > young:
+                if min_age and os.lstat(self.root / "processing" / name).st_mtime > young:
                     continue
             job_id = name[: -len(_SUFFIX)]
-            later = next((s for s in ("done", "failed", "pending") if self._path(s, job_id).exists()), None)
-            if later:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path("processing", job_id))
-                actions.append(f"{job_id}: already {later}, dropped the stale processing copy")
-                continue
             try:
-                job = self._read("processing", job_id)
-            except QueueError as exc:
-                actions.append(str(exc))
+                action = self._recover_one(job_id)
+            except OSError as exc:
+                log.error("queue recovery: %s: %s; tried again on the next pass", job_id, exc)
                 continue
-            if job.result is not None:
-                actions.append(f"{job_id}: finished before the crash, left for completion")
-                continue  # the worker completes it (reply + finish) without running again
-            if job.attempts >= job.max_attempts:
-                # Record the outcome; the worker completes it (failure reply, failed/).
-                job.result = {
-                    "outcome": "failed",
-                    "interrupted": True,
-                    "playbook": {"status": "failed", "hosts": {}, "errors": [INTERRUPTED]},
-                }
-                job.note("interrupted with attempts spent")
-                self.checkpoint(job)
-                actions.append(f"{job_id}: interrupted with attempts spent -> completed as failed")
-            else:
-                job.note("recovered after interruption")
-                self._move(job, "processing", "pending", "recover")
-                actions.append(f"{job_id}: interrupted -> pending")
+            if action:
+                actions.append(action)
         stale = time.time() - max(min_age, 3600)
         for tmp in (self.root / "tmp").iterdir():
             # never renamed into place: a write that did not complete (not one under way now)
@@ -294,15 +395,47 @@ class DirQueue:
             log.warning("queue recovery: %s", action)
         return actions
 
+    def _recover_one(self, job_id: str) -> str:
+        later = next((s for s in ("done", "failed", "pending") if self._path(s, job_id).exists()), None)
+        if later:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path("processing", job_id))
+            return f"{job_id}: already {later}, dropped the stale processing copy"
+        job = self._load("processing", job_id)
+        if job is None:
+            return ""  # gone meanwhile, or quarantined (logged)
+        if job.result is not None:
+            # the worker completes it (reply + finish) without running it again
+            return f"{job_id}: finished before the crash, left for completion"
+        if job.attempts >= job.max_attempts:
+            # Record the outcome; the worker completes it (failure reply, failed/).
+            job.result = {
+                "outcome": "failed",
+                "interrupted": True,
+                "playbook": {"status": "failed", "hosts": {}, "errors": [INTERRUPTED]},
+            }
+            job.note("interrupted with attempts spent")
+            self.checkpoint(job)
+            return f"{job_id}: interrupted with attempts spent -> completed as failed"
+        job.note("recovered after interruption")
+        try:
+            self._move(job, "processing", "pending", "recover")
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            # No room for a new version: the stored one goes back as it is (its claimed attempt counts).
+            self._move_as_is(job, "processing", "pending")
+            return f"{job_id}: interrupted -> pending (disk full: moved as it was)"
+        return f"{job_id}: interrupted -> pending"
+
     def completed_in_processing(self) -> list[Job]:
         """Jobs whose result was saved before a crash but that were not finished."""
         jobs = []
         for name in sorted(os.listdir(self.root / "processing")):
             if name.endswith(_SUFFIX):
-                with contextlib.suppress(FileNotFoundError, QueueError):
-                    job = self._read("processing", name[: -len(_SUFFIX)])
-                    if job.result is not None:
-                        jobs.append(job)
+                job = self._load("processing", name[: -len(_SUFFIX)])
+                if job is not None and job.result is not None:
+                    jobs.append(job)
         return jobs
 
     # --------------------------------------------------------------- reading

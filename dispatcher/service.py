@@ -11,8 +11,15 @@ repaired by the next pass (the message stays unseen until the last step):
 
 Work order for one job: claim (rename into processing/), run the playbook,
 save the result in the job record (checkpoint), queue the result reply, move
-the job to done/ or failed/. A job whose result was saved before a crash is
-completed without running its playbook again.
+the job to done/ or failed/. A job whose result was saved is completed with
+that result without running its playbook again, whatever interrupted it.
+
+Each job and each reply is isolated: a record the worker cannot handle (a
+payload it does not understand, a reply that cannot be rendered) is moved to
+quarantine/ with an ERROR naming its id, and the others go on. An OSError (a
+full disk) is the system's, not the record's: the pass stops, the record stays
+where it can be picked up again, and the recovery at the start of the next
+pass puts back what the failure left in processing/.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from dispatcher.commands import Command
 from dispatcher.config import Config
 from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
 from dispatcher.inventory import InventoryWatcher
-from dispatcher.jobqueue import DirQueue, Job, _crash_point, new_request_id
+from dispatcher.jobqueue import DirQueue, Job, _crash_point, disk_full, new_request_id
 from dispatcher.mail import (
     FETCH_LIMIT,
     SESSION_MAX,
@@ -72,6 +79,32 @@ MAX_REFUSALS_PER_HOUR = 5  # other refusals (unauthenticated, stale, locked out)
 PRIORITY_BUDGET = 0.5  # seconds of suspect mail handled before the pass fetches again
 GENUINE_PER_SENDER = 3  # messages of one sender handled first in a pass; more wait with the suspect
 PRUNE_EVERY = 3600  # seconds between retention sweeps of the work loop
+# What the worker reads in a job's payload, and in a reply's: without them it is quarantined.
+JOB_FIELDS = {"command": str, "params": dict, "command_text": str, "requester": str}
+REPLY_FIELDS = {"raw": str, "rcpt": list}
+
+
+def payload_problem(payload: dict[str, Any], fields: dict[str, type]) -> str:
+    """Why the worker cannot handle this payload ('' when it can)."""
+    wrong = [
+        f"{name} ({'missing' if name not in payload else type(payload[name]).__name__})"
+        for name, kind in fields.items()
+        if not isinstance(payload.get(name), kind)
+    ]
+    return "payload field(s) missing or of the wrong type: " + ", ".join(wrong) if wrong else ""
+
+
+def _decode_reply(payload: dict[str, Any]) -> tuple[bytes, str]:
+    """The message of a queued reply, or why it can never be sent."""
+    problem = payload_problem(payload, REPLY_FIELDS)
+    if problem:
+        return b"", problem
+    if not payload["rcpt"] or not all(isinstance(r, str) for r in payload["rcpt"]):
+        return b"", "rcpt is not a list of addresses"
+    try:
+        return base64.b64decode(payload["raw"], validate=True), ""
+    except ValueError as exc:
+        return b"", f"raw is not base64: {exc}"
 
 
 class Dispatcher:
@@ -770,13 +803,17 @@ class Dispatcher:
         )
 
     def flush_outbox(self, stop: threading.Event | None = None) -> int:
-        """Send every due reply; stop at the first transport failure (retry later)."""
+        """Send every due reply; stop at the first transport failure (retry later). A reply
+        whose record holds no sendable message is quarantined and the others go on."""
         sent = 0
         while stop is None or not stop.is_set():
             item = self.outbox.claim()
             if item is None:
                 return sent
-            raw = base64.b64decode(item.payload["raw"])
+            raw, problem = _decode_reply(item.payload)
+            if problem:
+                self.outbox.quarantine(item, problem)
+                continue
             try:
                 self._sender.send(raw, self.cfg.from_address, item.payload["rcpt"])
             except PermanentTransportError as exc:
@@ -801,20 +838,48 @@ class Dispatcher:
     # ----------------------------------------------------------------- work
 
     def work_once(self, max_jobs: int | None = None, stop: threading.Event | None = None) -> int:
-        """Run due jobs until none is left (or max_jobs, or `stop` is set); then send replies."""
+        """Run due jobs until none is left (or max_jobs, or `stop` is set); then send replies.
+        Returns how many jobs were run or completed (quarantined ones are not counted).
+
+        An OSError (a full disk) ends the pass; nothing is lost: the next pass starts
+        with the recovery that puts back what the failure left in processing/."""
+        # Recovery on every pass, not only at start: a job that a failed write left in
+        # processing/ (a give-back on a full disk) goes back to pending/ as soon as space
+        # returns. Safe only because nothing is in flight here: this thread is the only
+        # one of the only process (work lock) that claims jobs, and every job claimed in
+        # an earlier pass is finished, given back or abandoned by now. Parallel workers
+        # would have to keep their in-flight jobs out of it.
+        self.jobs.recover()
         for job in self.jobs.completed_in_processing():
-            self._complete(job)
+            self._settle(job)
         done = 0
         while (max_jobs is None or done < max_jobs) and not (stop and stop.is_set()):
             job = self.jobs.claim()
             if job is None:
                 break
+            problem = payload_problem(job.payload, JOB_FIELDS)
+            if problem:
+                self.jobs.quarantine(job, problem)
+                continue
+            done += 1
+            if job.result is not None:
+                # Given back with its result saved (by an older version): final, never run again.
+                self._settle(job)
+                continue
             try:
                 self._run(job)
             except Exception as exc:  # never leave a claimed job behind
+                if disk_full(exc) and job.result is None:
+                    # The controller's disk, not the job: no attempt spent, and the pass
+                    # ends (the next one starts with the recovery if this fails too).
+                    with contextlib.suppress(OSError):
+                        self.jobs.release(job, f"the state disk is full: {exc}")
+                    raise
                 log.exception("%s: the worker failed around the playbook", job.id)
                 self._give_back(job, f"{type(exc).__name__}: {exc}")
-            done += 1
+                continue
+            if job.state == "processing":  # its result is saved (else it went back to pending/)
+                self._settle(job)
         self._recover_outbox()
         self.flush_outbox(stop)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
@@ -823,19 +888,24 @@ class Dispatcher:
         return done
 
     def _give_back(self, job: Job, reason: str) -> None:
-        """After an error of the worker itself: retry later, or fail it with a reply."""
+        """After an error of the worker itself: retry later, or fail it with a reply. A job
+        with a result is completed with that result: a result is final, it is never
+        replaced by this failure and the playbook never runs again for it."""
         try:
-            if job.attempts < job.max_attempts:
+            if job.result is None and job.attempts < job.max_attempts:
                 self.jobs.retry_later(job, self._backoff(job), reason=reason)
-            else:
+                return
+            if job.result is None:
                 job.result = {
                     "outcome": "failed",
                     "playbook": {"status": "failed", "hosts": {}, "errors": [reason]},
                 }
-                self.jobs.checkpoint(job)
-                self._complete(job)
+            self.jobs.checkpoint(job)  # again: the failure may have been this very write
+            self._settle(job)
         except Exception:
-            log.exception("%s: could not give the job back; recovery at the next start will", job.id)
+            # Left in processing/: the recovery at the start of the next pass settles it
+            # (a result it could not save is lost, and the job runs again: at least once).
+            log.exception("%s: could not give the job back; the next pass will", job.id)
 
     def _backoff(self, job: Job) -> int:
         return self.cfg.retry_backoff[min(job.attempts, len(self.cfg.retry_backoff)) - 1]
@@ -853,7 +923,6 @@ class Dispatcher:
                 },
             }
             self.jobs.checkpoint(job)
-            self._complete(job)
             return
         spec = commands.spec_for(payload["command"])
         cmd = Command(payload["command"], payload["params"], payload["command_text"])
@@ -870,6 +939,8 @@ class Dispatcher:
                 private_root=self.cfg.run_dir,
             )
         except Exception as exc:  # the runner itself broke: treat as transient
+            if disk_full(exc):
+                raise  # it could not write its own files: the controller's fault, not the job's
             log.exception("running %s failed before the playbook could report", job.id)
             result = runner.PlaybookResult(
                 spec.playbook, "failed", -1, errors=[f"{type(exc).__name__}: {exc}"]
@@ -893,11 +964,27 @@ class Dispatcher:
         }
         self.jobs.checkpoint(job)
         _crash_point("work-after-checkpoint")
-        self._complete(job)
+
+    def _settle(self, job: Job) -> None:
+        """Complete a job whose result is saved, isolated from the others: a job that cannot
+        be completed is quarantined. An OSError (a full disk) is raised, the job stays in
+        processing/ with its result, and a later pass completes it."""
+        problem = payload_problem(job.payload, JOB_FIELDS)
+        try:
+            if problem:
+                raise AthomeError(problem)
+            self._complete(job)
+        except OSError:
+            raise
+        except Exception as exc:
+            if not problem:
+                log.exception("%s: cannot be completed", job.id)
+            self.jobs.quarantine(job, f"cannot be completed: {exc}")
 
     def _complete(self, job: Job) -> None:
         """Queue the result reply and finish the job; a reply that cannot be rendered falls
-        back to the generic template, then to a bare one, so the job never stays stuck."""
+        back to the generic template, then to a bare one, so the job never stays stuck.
+        Raises when not even the bare reply can be queued (the caller quarantines it)."""
         payload = job.payload
         spec = commands.COMMANDS.get(payload["command"])
         outcome = job.result.get("outcome", "failed")
@@ -925,8 +1012,12 @@ class Dispatcher:
                     **values,
                 )
                 break
+            except OSError:
+                raise  # not the template's fault (a full disk): the job stays, completed later
             except Exception:
                 log.exception("%s: reply template %s failed", job.id, template)
+        else:
+            raise AthomeError("no reply could be rendered, not even the bare one")
         _crash_point("work-after-reply")
         self.jobs.finish(job, success=outcome != "failed", outcome=outcome)
         log.info("finished %s: %s", job.id, outcome)

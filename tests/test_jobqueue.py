@@ -7,6 +7,7 @@ job exactly once and in a consistent state.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -241,3 +242,147 @@ def test_records_written_by_root_stay_readable_by_the_service_user():
     shutil.rmtree(base)
     assert out.stdout.strip() == good.id, out.stderr
     assert "cannot read queue record" in out.stderr
+
+
+# ---------------------------------------------------------------- faults on disk
+
+
+def _poison(path: Path, kind: str) -> None:
+    """Spoil a stored record on disk the way a fault or a person can."""
+    good = path.read_bytes()
+    if kind == "truncated":  # what a write cut short by a full disk used to store
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "wrong type":
+        data = json.loads(good)
+        data["attempts"] = "1"
+        path.write_text(json.dumps(data))
+    elif kind == "another id":  # a copy under the wrong name: its writes would go elsewhere
+        data = json.loads(good)
+        data["id"] = "../pending/other"
+        path.write_text(json.dumps(data))
+    elif kind == "directory":  # cannot be read, even by root
+        path.unlink()
+        path.mkdir()
+    elif kind == "fifo":  # reading it would block forever
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.unlink()
+        path.symlink_to("/etc/hostname")
+
+
+POISONS = ["truncated", "wrong type", "another id", "directory", "fifo", "symlink"]
+
+
+@pytest.mark.parametrize("kind", POISONS)
+def test_a_pending_record_that_cannot_be_read_is_quarantined_and_the_next_is_claimed(tmp_path, kind):
+    q = DirQueue(tmp_path)
+    bad, good = q.put({"n": 1}), q.put({"n": 2})
+    _poison(q.root / "pending" / f"{bad.id}.json", kind)
+    assert q.claim().id == good.id
+    [quarantined] = q.quarantined()
+    assert quarantined.startswith(f"{bad.id}.json.")
+    assert files(q)["pending"] == [] and q.claim() is None
+
+
+@pytest.mark.parametrize("kind", POISONS)
+def test_a_processing_record_that_cannot_be_read_does_not_stop_recovery(tmp_path, kind):
+    q = DirQueue(tmp_path)
+    q.put({"n": 1}, job_id="a-bad")
+    q.put({"n": 2}, job_id="b-interrupted")
+    q.put({"n": 3}, job_id="c-finished")
+    bad, interrupted, finished = q.claim(), q.claim(), q.claim()
+    finished.result = {"outcome": "success"}
+    q.checkpoint(finished)
+    _poison(q.root / "processing" / "a-bad.json", kind)
+    actions = q.recover()
+    assert "b-interrupted: interrupted -> pending" in actions
+    assert [j.id for j in q.completed_in_processing()] == ["c-finished"]
+    assert [n.split(".json.")[0] for n in q.quarantined()] == [bad.id]
+    assert q.claim().id == interrupted.id
+
+
+def test_a_record_root_wrote_by_hand_is_readable_again_once_quarantined(tmp_path):
+    """Quarantine moves the file as it is, so an operator can repair it and put it back."""
+    q = DirQueue(tmp_path)
+    job = q.put({"n": 1})
+    path = q.root / "pending" / f"{job.id}.json"
+    original = path.read_bytes()
+    _poison(path, "truncated")
+    assert q.claim() is None
+    [name] = q.quarantined()
+    (q.root / "quarantine" / name).write_bytes(original)  # repaired
+    os.rename(q.root / "quarantine" / name, path)
+    assert q.claim().id == job.id
+
+
+def _tmp_files(q: DirQueue) -> list[str]:
+    return sorted(os.listdir(q.root / "tmp"))
+
+
+def test_on_a_full_disk_put_fails_cleanly_and_claim_puts_the_job_back(workdir):
+    from tests.disk import small_disk
+
+    with small_disk(workdir / "disk", "1m") as disk:
+        q = DirQueue(disk.path / "queue")
+        waiting = q.put({"n": 1})
+        disk.fill()
+        with pytest.raises(OSError) as info:
+            q.put({"n": 2})
+        assert info.value.errno == errno.ENOSPC
+        assert _tmp_files(q) == [], "the failed write removed its temp file"
+        for _ in range(2):  # and again: nothing moves, nothing is spent
+            with pytest.raises(OSError):
+                q.claim()
+            f = files(q)
+            assert f["pending"] == [f"{waiting.id}.json"] and f["processing"] == [] and f["tmp"] == []
+        assert q.get(waiting.id).attempts == 0 and q.get(waiting.id).state == "pending"
+        disk.free()
+        claimed = q.claim()
+        assert claimed.id == waiting.id and claimed.attempts == 1
+
+
+def test_a_record_larger_than_the_space_left_is_never_stored_cut_short(workdir):
+    """The kernel takes part of a write when the disk is nearly full (a short write)."""
+    from tests.disk import small_disk
+
+    with small_disk(workdir / "disk", "1m") as disk:
+        q = DirQueue(disk.path / "queue")
+        disk.fill()
+        disk.leave(4096)
+        with pytest.raises(OSError) as info:
+            q.put({"blob": "x" * 20000})
+        assert info.value.errno == errno.ENOSPC
+        f = files(q)
+        assert f["pending"] == [] and f["tmp"] == [] and f["quarantine"] == []
+        small = q.put({"n": 1})  # fits only because the failed write gave its page back
+        assert files(q)["pending"] == [f"{small.id}.json"] and q.get(small.id).payload == {"n": 1}
+
+
+def test_recovery_on_a_full_disk_puts_an_interrupted_job_back_without_writing(workdir):
+    from tests.disk import small_disk
+
+    with small_disk(workdir / "disk", "1m") as disk:
+        q = DirQueue(disk.path / "queue")
+        q.put({"n": 1}, job_id="job-1")
+        q.claim()  # the worker stopped here (its give-back failed, or it died)
+        disk.fill()
+        assert q.recover() == ["job-1: interrupted -> pending (disk full: moved as it was)"]
+        f = files(q)
+        assert f["pending"] == ["job-1.json"] and f["processing"] == [] and f["tmp"] == []
+        assert q.get("job-1").attempts == 1, "the claimed attempt still counts"
+
+
+def test_a_finished_job_reaches_its_final_state_even_on_a_full_disk(workdir):
+    """Else a reply already sent would be sent again when its claim is recovered."""
+    from tests.disk import small_disk
+
+    with small_disk(workdir / "disk", "1m") as disk:
+        q = DirQueue(disk.path / "queue")
+        q.put({"n": 1}, job_id="job-1")
+        job = q.claim()
+        disk.fill()
+        q.finish(job)
+        f = files(q)
+        assert f["done"] == ["job-1.json"] and f["processing"] == [] and f["tmp"] == []
+        assert q.get("job-1").state == "done"
