@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("queue", help="inspect and repair the job queue")
     qs = c.add_subparsers(dest="queue_cmd", required=True)
     x = qs.add_parser("list")
-    x.add_argument("--state", choices=["pending", "processing", "done", "failed"])
+    x.add_argument("--state", choices=["pending", "processing", "waiting", "done", "failed"])
     x = qs.add_parser("show")
     x.add_argument("id")
     x = qs.add_parser("retry", help="put a failed job back in the queue")

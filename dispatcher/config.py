@@ -95,6 +95,8 @@ class Config:
     lockout_cooldown_minutes: float = 15.0  # ...lock the sender out for this long
     flood_alert: int = 50  # bad tokens of all senders within the window: the admins are told once
     max_window_days: int = 31
+    confirm: set[str] = field(default_factory=set)  # commands run only after a CONFIRMAR reply
+    confirm_minutes: float = 30.0  # how long a confirmation code is valid
     max_attempts: int = 3
     retry_backoff: list[int] = field(default_factory=lambda: [60, 300, 900])
     playbook_timeout: int = 900
@@ -424,6 +426,22 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
 
     cmds = data.get("commands") or {}
     cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)
+    cfg.confirm_minutes = _number(cmds, "confirm_minutes", cfg.confirm_minutes, "commands", problems, float)
+    if cfg.confirm_minutes <= 0:
+        problems.append("commands.confirm_minutes: must be positive")
+    from dispatcher.commands import COMMANDS
+
+    for name, section in cmds.items():
+        if name in ("max_window_days", "confirm_minutes"):
+            continue
+        spec = COMMANDS.get(str(name).upper())
+        if spec is None or not isinstance(section, dict):
+            problems.append(f"commands.{name}: not a command (one of {', '.join(COMMANDS)}) with settings")
+            continue
+        if section.get("confirm"):
+            if not spec.confirmable:
+                problems.append(f"commands.{name}.confirm: {spec.name} cannot be confirmed by reply")
+            cfg.confirm.add(spec.name)
     worker = data.get("worker") or {}
     cfg.max_attempts = _number(worker, "max_attempts", cfg.max_attempts, "worker", problems)
     backoff = worker.get("retry_backoff", cfg.retry_backoff)

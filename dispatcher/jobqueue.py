@@ -48,7 +48,7 @@ from dispatcher.errors import QueueError
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "processing", "done", "failed")
+STATES = ("pending", "processing", "waiting", "done", "failed")  # waiting: for a CONFIRMAR
 _DIRS = ("tmp", *STATES, "quarantine")
 _SUFFIX = ".json"
 INTERRUPTED = "a execução foi interrompida (o serviço parou) e as tentativas se esgotaram"
@@ -317,7 +317,9 @@ class DirQueue:
         except OSError as again:
             log.error(
                 "%s: claim not recorded (%s) and not put back (%s); the next recovery puts it back",
-                job_id, exc, again,
+                job_id,
+                exc,
+                again,
             )
         else:
             log.warning("%s: claim not recorded (%s); back in pending/", job_id, exc)
@@ -350,6 +352,18 @@ class DirQueue:
         job.attempts = max(0, job.attempts - 1)
         job.note("released", reason=reason)
         self._move(job, job.state, "pending", "release")
+
+    def wait(self, job: Job, **detail: Any) -> None:
+        """A claimed job now waits for its requester's confirmation (processing/ -> waiting/)."""
+        job.note("waiting", **detail)
+        self._move(job, job.state, "waiting", "wait")
+
+    def resume(self, job: Job, **detail: Any) -> None:
+        """A confirmed job goes back to the queue to run for real (waiting/ -> pending/),
+        with a fresh set of attempts. Only one caller can win: the record leaves waiting/."""
+        job.attempts, job.not_before, job.result = 0, 0.0, None
+        job.note("confirmed", **detail)
+        self._move(job, "waiting", "pending", "resume")
 
     def retry_failed(self, job_id: str) -> Job:
         """Ops: put a failed job back to pending with a fresh set of attempts."""

@@ -26,6 +26,7 @@ STATUS_PT = {
 STATE_PT = {
     "pending": "na fila",
     "processing": "em execução",
+    "waiting": "aguardando sua confirmação",
     "done": "concluído",
     "failed": "falhou",
 }

@@ -28,9 +28,11 @@ import base64
 import collections
 import contextlib
 import fcntl
+import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -369,7 +371,8 @@ class Dispatcher:
             # copy added above a signed one could change the command or its date.
             log.warning("ignored message uid %s: more than one %s header", msg.uid, "/".join(msg.duplicated))
             return ""
-        if grammar.lenient_token(msg.subject).token is None and answers_us(msg):
+        no_token = grammar.lenient_token(msg.subject).token is None
+        if no_token and answers_us(msg) and grammar.find_confirmation(msg.subject) is None:
             # A person answered one of our replies without a command: nothing to do, no alarm.
             log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
             self._decision["reason"] = "a reply to our own mail without a token"
@@ -511,6 +514,10 @@ class Dispatcher:
                 "Os administradores foram avisados. Se não foi você quem enviou os comandos com token "
                 "inválido, avise-os: alguém pode estar tentando usar o seu endereço.",
             )
+        if found.token is None:
+            code = grammar.find_confirmation(msg.subject)
+            if code is not None:  # the code is the capability: no token, same authentication
+                return self._confirm(msg, request_id, sender, masked, code)
         try:
             if found.problem == "malformed":
                 raise AuthError("token", "malformed")
@@ -569,6 +576,8 @@ class Dispatcher:
             "message_id": msg.message_id,
             "references": msg.references,
         }
+        if cmd.name in self.cfg.confirm:
+            payload["phase"] = "check"  # a check run first; the real one after CONFIRMAR
         job = self.jobs.put(payload, job_id=request_id)
         _crash_point("intake-after-job")
         log.info("queued %s %s for %s (token %s)", job.id, cmd.text, sender, identity.token_id)
@@ -586,7 +595,126 @@ class Dispatcher:
             command=job.payload["command_text"],
             command_name=job.payload["command"],
             position=max(1, self.jobs.position(job.id)),
+            confirm=job.payload.get("phase") == "check",
         )
+
+    # ------------------------------------------------------- confirmations
+
+    def _code(self, job: Job) -> str:
+        """A waiting job's one-time code: derived from the server key, the job and a nonce
+        kept in it (so a lost reply can be sent again), never stored itself."""
+        digest = bytes.fromhex(self.key.digest("confirm", job.id, job.payload["confirm"]["nonce"]))
+        bits = int.from_bytes(digest[:5], "big")
+        return "".join(
+            grammar.CODE_ALPHABET[(bits >> (5 * i)) & 31] for i in reversed(range(grammar.CODE_CHARS))
+        )
+
+    def _ask_confirmation(self, job: Job, result: runner.PlaybookResult) -> None:
+        """After a check run that would change something: wait for CONFIRMAR <code>."""
+        expires = time.time() + self.cfg.confirm_minutes * 60
+        job.payload["phase"] = "confirm"
+        job.payload["confirm"] = {
+            "nonce": secrets.token_hex(8),
+            "expires": expires,
+            "check": result.to_dict(),
+        }
+        self.jobs.wait(job, expires=expires)  # durable before the code leaves
+        self._queue_confirm_request(job)
+        self.audit.record(
+            "confirmation-requested",
+            request_id=job.id,
+            sender=job.payload["requester"],
+            command=job.payload["command_text"],
+            command_name=job.payload["command"],
+            expires=expires,
+        )
+
+    def _queue_confirm_request(self, job: Job) -> None:
+        payload = job.payload
+        self._queue_reply(
+            f"{job.id}-confirm",
+            "confirm",
+            to=[payload["requester"]],
+            in_reply_to=payload.get("message_id", ""),
+            references=payload.get("references", ""),
+            request_id=job.id,
+            command=payload["command_text"],
+            command_name=payload["command"],
+            code=self._code(job),
+            expires=self.replies.local_time(payload["confirm"]["expires"]),
+            result=payload["confirm"]["check"],
+        )
+
+    def _confirm(self, msg: Incoming, request_id: str, sender: str, masked: str, code: str) -> str:
+        """CONFIRMAR <code>: the sender's own waiting job with that code runs. A wrong,
+        expired, reused or foreign code changes nothing, gets one reply that does not say
+        which, and counts towards the sender's lock-out like a wrong token."""
+        now = time.time()
+        match = None
+        for job in self.jobs.list("waiting"):
+            confirm = job.payload.get("confirm") or {}
+            if code and confirm.get("nonce") and hmac.compare_digest(self._code(job), code):
+                match = job if job.payload.get("requester") == sender else None
+                break
+        if match is not None and match.payload["confirm"]["expires"] > now:
+            match.payload["phase"] = "run"
+            self.jobs.resume(match, by=request_id)
+            self._decision.update(
+                reason="confirmed", command=match.payload["command_text"], confirms=match.id
+            )
+            log.info("%s confirmed by %s (message %s)", match.id, sender, request_id)
+            self._queue_reply(
+                f"{match.id}-confirmed",
+                "ack",
+                to=[sender],
+                msg=msg,
+                request_id=match.id,
+                command=match.payload["command_text"],
+                command_name=match.payload["command"],
+                position=max(1, self.jobs.position(match.id)),
+                confirmed=True,
+            )
+            return "queued"
+        self._decision["reason"] = "confirmation code wrong, expired, used or another sender's"
+        failure = self.throttle.failure(sender)
+        log.warning(
+            "refused %s from %s: confirmation code not accepted (%d in the window)",
+            request_id,
+            sender,
+            failure.count,
+        )
+        return self._refuse(
+            msg,
+            request_id,
+            sender,
+            masked,
+            "Confirmação não aceita",
+            "o código de confirmação está errado, expirou, já foi usado ou não é de um pedido seu",
+            "Nada foi executado. Confira o código no e-mail de confirmação, ou envie o comando de novo "
+            "para receber um código novo.",
+        )
+
+    def _sweep_waiting(self) -> None:
+        """Waiting jobs: past their time they fail with a reply; one whose confirmation
+        request was lost in a crash gets it again."""
+        now = time.time()
+        for job in self.jobs.list("waiting"):
+            confirm = job.payload.get("confirm") or {}
+            if confirm.get("expires", 0) <= now:
+                job.result = {
+                    "outcome": "failed",
+                    "playbook": {
+                        "status": "failed",
+                        "hosts": {},
+                        "errors": ["a confirmação não chegou a tempo: nada foi alterado"],
+                    },
+                }
+                self.audit.record(
+                    "confirmation-expired", request_id=job.id, sender=job.payload.get("requester")
+                )
+                self._settle(job)
+            elif self.outbox.find(f"{job.id}-confirm") is None:
+                self._queue_confirm_request(job)
 
     # ------------------------------------------------------------ refusals
 
@@ -852,6 +980,7 @@ class Dispatcher:
         self.jobs.recover()
         for job in self.jobs.completed_in_processing():
             self._settle(job)
+        self._sweep_waiting()
         done = 0
         while (max_jobs is None or done < max_jobs) and not (stop and stop.is_set()):
             job = self.jobs.claim()
@@ -928,14 +1057,17 @@ class Dispatcher:
         cmd = Command(payload["command"], payload["params"], payload["command_text"])
         log.info("running %s %s (attempt %d/%d)", job.id, cmd.text, job.attempts, job.max_attempts)
         try:
+            check = payload.get("phase") == "check"
             result = runner.run_playbook(
                 spec.playbook,
                 inventory=self.cfg.inventory,
+                check=check,
+                diff=check,
                 extravars=spec.extravars(cmd, job.id, payload["requester"]),
                 limit=spec.limit(cmd),
                 timeout=self.cfg.playbook_timeout,
                 artifacts_dir=self.cfg.artifacts_dir,
-                ident=f"{job.id}-{job.attempts}",
+                ident=f"{job.id}-{job.attempts}" + ("-check" if check else ""),
                 private_root=self.cfg.run_dir,
             )
         except Exception as exc:  # the runner itself broke: treat as transient
@@ -956,6 +1088,13 @@ class Dispatcher:
             self.jobs.retry_later(
                 job, delay, reason=f"{result.status}: {result.unreachable or result.errors}"
             )
+            return
+        if (
+            payload.get("phase") == "check"
+            and result.succeeded
+            and any(h.report.get("changed") for h in result.hosts.values())
+        ):
+            self._ask_confirmation(job, result)
             return
         job.result = {
             "outcome": spec.outcome(cmd, result),
@@ -1020,6 +1159,22 @@ class Dispatcher:
             raise AthomeError("no reply could be rendered, not even the bare one")
         _crash_point("work-after-reply")
         self.jobs.finish(job, success=outcome != "failed", outcome=outcome)
+        hosts = playbook.get("hosts") or {}
+        self.audit.record(
+            "result",
+            request_id=job.id,
+            sender=payload["requester"],
+            command=payload["command_text"],
+            command_name=payload["command"],
+            playbook=playbook.get("playbook") or (spec.playbook if spec else ""),
+            outcome=outcome,
+            attempts=job.attempts,
+            hosts={h: r.get("status") for h, r in hosts.items() if isinstance(r, dict)},
+            changed=sorted(
+                h for h, r in hosts.items() if isinstance(r, dict) and r.get("status") == "changed"
+            ),
+            errors=playbook.get("errors"),
+        )
         log.info("finished %s: %s", job.id, outcome)
 
     # ----------------------------------------------------------------- loop

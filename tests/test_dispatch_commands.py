@@ -7,6 +7,7 @@ test_end_to_end.py. The playbooks run for real over sshd on loopback.
 from __future__ import annotations
 
 import email
+import json
 import time
 from email.policy import default as default_policy
 
@@ -24,7 +25,7 @@ REQUESTER = "ana@example.test"
 
 
 class Site:
-    def __init__(self, workdir, inventory_path):
+    def __init__(self, workdir, inventory_path, commands=None, senders=(REQUESTER,)):
         self.workdir = workdir
         self.inventory_path = inventory_path
         self.tokens = TokenStore(workdir / "tokens.json")
@@ -39,7 +40,8 @@ class Site:
                     "admin_addresses": ["admin@example.test"],
                     "maildir": {"inbox": str(workdir / "inbox"), "outbox": str(workdir / "outbox")},
                 },
-                "auth": {"senders": [REQUESTER], "tokens_file": str(self.tokens.path), **AUTH},
+                "auth": {"senders": list(senders), "tokens_file": str(self.tokens.path), **AUTH},
+                "commands": commands or {},
                 "worker": {"retry_backoff": [0]},
             },
             base=workdir,
@@ -47,11 +49,11 @@ class Site:
         self.dispatcher = Dispatcher(self.cfg)
         self.n = 0
 
-    def send(self, command: str) -> None:
+    def send(self, command: str, subject: str | None = None, sender: str = REQUESTER, **headers) -> None:
+        """`command` after this site's token, or a whole `subject` as it is."""
         self.n += 1
-        msg = command_message(
-            f"[{self.token}] {command}", REQUESTER, f"<c{self.n}.{time.time()}@example.test>"
-        )
+        msgid = f"<c{self.n}.{time.time()}@example.test>"
+        msg = command_message(subject or f"[{self.token}] {command}", sender, msgid, **headers)
         self.dispatcher._inbox_factory().box.add(msg)
 
     def replies(self) -> list:
@@ -197,3 +199,125 @@ def test_a_target_disabled_between_queueing_and_running_is_not_reported_as_done(
     msg, text = site.last_result()
     assert "❌" in msg["Subject"], text
     assert gv2p.files() == before
+
+
+# --------------------------------------------------------------- confirm by reply
+
+CONFIRMED = {"MACCHANGE": {"confirm": True}}
+
+
+@pytest.fixture
+def confirm_site(sshd, workdir):
+    gv2p = MacHost(workdir, "gv2p")
+    conn = dict(sshd.ansible_vars(), ansible_python_interpreter=servers.target_python())
+    inv = servers.write_inventory(
+        workdir / "inventory" / "hosts.yml",
+        {
+            "sip_servers": {"gv2p": {"audios_from": "audio"}},
+            "mac_servers": {"gv2p": gv2p.hostvars(servers.target_python())},
+        },
+        conn,
+    )
+    return Site(workdir, inv, commands=CONFIRMED, senders=(REQUESTER, "bob@example.test")), gv2p
+
+
+def confirmation_request(site):
+    [msg] = [m for m in site.replies() if "Confirme" in m["Subject"]]
+    code = msg["Subject"].rsplit("CONFIRMAR ", 1)[1].strip()
+    return msg, msg.get_body(("plain",)).get_content(), code
+
+
+def test_a_confirmed_command_shows_the_change_runs_only_on_the_right_reply_and_once(confirm_site):
+    site, gv2p = confirm_site
+    d = site.dispatcher
+    before = gv2p.files()
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    assert d.poll_once()["queued"] == 1
+    [ack] = site.replies()
+    assert "confirmação" in ack.get_body(("plain",)).get_content()
+    d.work_once()  # the check run
+    assert gv2p.files() == before and gv2p.backups() == [] and gv2p.notifications() == 0
+    [waiting] = d.jobs.list("waiting")
+    msg, text, code = confirmation_request(site)
+    assert len(code) == 8 and code not in json.dumps(waiting.payload), "the code is never stored"
+    assert "'serialnumber': '010203040506'" in text and "'serialnumber': '010203040599'" in text
+    assert "MAC:010203040599" in text and "Nada foi alterado ainda" in text
+    # wrong, foreign and malformed codes change nothing
+    wrong = ("Z" if code[0] != "Z" else "Y") + code[1:]
+    site.send("", subject=f"CONFIRMAR {wrong}")
+    site.send("", subject=f"CONFIRMAR {code}", sender="bob@example.test")
+    site.send("", subject="CONFIRMAR 123")
+    assert d.poll_once()["replied"] == 3
+    assert d.jobs.count("waiting") == 1 and d.jobs.count("pending") == 0
+    refusals = [m for m in site.replies() if "Confirmação não aceita" in m["Subject"]]
+    assert len(refusals) == 3 and all(code not in m.as_string() for m in refusals)
+    # a plain reply to the confirmation request, no token: the code in its subject is enough
+    site.send(
+        "", subject=f"Re: {msg['Subject']}", In_Reply_To=msg["Message-ID"], References=msg["Message-ID"]
+    )
+    assert d.poll_once()["queued"] == 1
+    assert "Confirmação recebida" in site.replies()[-1].get_body(("plain",)).get_content()
+    d.work_once()
+    result, text = site.last_result()
+    assert "✅" in result["Subject"] and "MAC:010203040599" in text
+    assert b"3010;MAC:010203040599;" in gv2p.files()[1] and gv2p.notifications() == 1
+    # the same code again (a replayed confirmation): nothing
+    site.send("", subject=f"CONFIRMAR {code}")
+    d.poll_once()
+    d.work_once()
+    assert gv2p.notifications() == 1 and d.jobs.count("done") == 1
+    assert "Confirmação não aceita" in site.replies()[-1]["Subject"]
+    records = [
+        json.loads(x) for f in sorted((d.cfg.audit_dir).glob("*.jsonl")) for x in f.read_text().splitlines()
+    ]
+    assert code not in json.dumps(records), "never a code in the audit trail"
+    assert [r["event"] for r in records].count("confirmation-requested") == 1
+
+
+def test_an_unconfirmed_command_expires_with_a_reply_and_changes_nothing(confirm_site):
+    site, gv2p = confirm_site
+    d = site.dispatcher
+    before = gv2p.files()
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    d.poll_once()
+    d.work_once()
+    _msg, _text, code = confirmation_request(site)
+    [job] = d.jobs.list("waiting")
+    job.payload["confirm"]["expires"] = time.time() - 1  # the 30 minutes have passed
+    d.jobs.checkpoint(job)
+    site.send("", subject=f"CONFIRMAR {code}")
+    d.poll_once()
+    assert "Confirmação não aceita" in site.replies()[-1]["Subject"], "too late"
+    d.work_once()  # the sweep fails it with a reply
+    [failed] = d.jobs.list("failed")
+    assert failed.id == job.id and gv2p.files() == before
+    msg, text = site.last_result()
+    assert "❌" in msg["Subject"] and "não chegou a tempo" in text
+
+
+def test_a_check_that_finds_nothing_to_change_asks_for_no_confirmation(confirm_site):
+    site, gv2p = confirm_site
+    d = site.dispatcher
+    site.send("MACCHANGE=3010 MACATUAL=AABBCCDDEEFF MACFUTURO=010203040599 SERVER=gv2p")
+    d.poll_once()
+    d.work_once()
+    assert d.jobs.count("waiting") == 0 and not [m for m in site.replies() if "Confirme" in m["Subject"]]
+    msg, text = site.last_result()
+    assert "❌" in msg["Subject"] and "nenhum arquivo foi alterado" in text
+
+
+def test_what_ran_and_what_changed_is_in_the_audit_trail(mac_site):
+    site, _gv2p = mac_site
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    trail = site.dispatcher.audit
+    assert trail.verify()[1] == []
+    [result] = [r for r in trail.search(command="MACCHANGE") if r["event"] == "result"]
+    assert (
+        result["outcome"] == "success"
+        and result["changed"] == ["gv2p"]
+        and result["playbook"] == "macchange.yml"
+    )
+    [message] = [r for r in trail.search(command="MACCHANGE") if r["event"] == "message"]
+    assert message["request_id"] == result["request_id"] and message["outcome"] == "queued"

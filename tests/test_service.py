@@ -491,3 +491,18 @@ def _minimal(tmp):
         },
         "auth": {"senders": ["ana@example.test"], "tokens_file": str(tmp / "tokens.json"), **AUTH},
     }
+
+
+@pytest.mark.parametrize(
+    ("commands", "problem"),
+    [
+        ({"CHECKIP": {"confirm": True}}, "cannot be confirmed by reply"),
+        ({"REBOOT": {"confirm": True}}, "not a command"),
+        ({"confirm_minutes": 0}, "confirm_minutes"),
+    ],
+)
+def test_confirmation_settings_that_cannot_work_are_problems(make, commands, problem):
+    from dispatcher.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        config.from_dict({**_minimal(make.tmp), "commands": commands}, base=make.tmp)

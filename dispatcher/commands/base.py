@@ -70,6 +70,9 @@ class CommandSpec:
     example: str = ""  # a correct subject after the token
     playbook: str | None = None  # None: answered by the dispatcher itself (`answer`)
     template: str = "result"  # replies: templates/<template>.txt.j2 and .html.j2
+    # Its playbook reports per host `changed` in check mode, so it can be confirmed by
+    # reply (commands.<NAME>.confirm in the config): a check run first, the real one on CONFIRMAR.
+    confirmable: bool = False
     # Hosts of controller-side plays (input checks on localhost) that are not
     # part of the answer; a command whose work runs on the controller clears it.
     ignore_hosts: tuple[str, ...] = ("localhost",)

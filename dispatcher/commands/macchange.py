@@ -21,6 +21,7 @@ class MacChange(CommandSpec):
     example = "MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p"
     playbook = "macchange.yml"
     template = "macchange"
+    confirmable = True
 
     def parse(self, text, ctx):
         pairs = grammar.split_keywords(text, self.example)
