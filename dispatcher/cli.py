@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Job records, replies and the audit trail hold addresses and links: private however
+    # athome is started (systemd sets UMask=0077 too, a shell usually 0022).
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -1065,7 +1065,7 @@ class Dispatcher:
                 diff=check,
                 extravars=spec.extravars(cmd, job.id, payload["requester"]),
                 limit=spec.limit(cmd),
-                timeout=self.cfg.playbook_timeout,
+                timeout=spec.run_timeout or self.cfg.playbook_timeout,
                 artifacts_dir=self.cfg.artifacts_dir,
                 ident=f"{job.id}-{job.attempts}" + ("-check" if check else ""),
                 private_root=self.cfg.run_dir,
@@ -1206,5 +1206,6 @@ class Dispatcher:
         # The worker finishes its current job; intake may sit in IDLE and has nothing
         # half-done (every step is idempotent), so it is not waited for long.
         intake, work = threads
-        work.join(timeout=self.cfg.playbook_timeout + 30)
+        longest = max([self.cfg.playbook_timeout, *(s.run_timeout or 0 for s in commands.COMMANDS.values())])
+        work.join(timeout=longest + 30)
         intake.join(timeout=5)

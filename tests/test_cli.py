@@ -136,3 +136,21 @@ def test_the_service_answers_while_running_and_stops_cleanly_on_sigterm(cfg, tmp
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "stopped" in output
+
+
+def test_state_files_are_private_whatever_umask_athome_is_started_with(cfg, tmp_path):
+    add = ("--config", str(cfg), "token", "add", "--description", "u", "--sender", "ana@example.test")
+    token = new_token(athome(*add).stdout)
+    open_maildir(tmp_path / "in").add(command_message(f"[{token}] CHECKIP=3.3.3.3", msgid="<um@x>"))
+    subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "poll", "--once"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        preexec_fn=lambda: os.umask(0o022),  # a shell's usual umask
+    )
+    state = tmp_path / "state"
+    made = [p for p in state.rglob("*")]
+    assert len(made) > 10, "the pass wrote its queue, ledger and audit trail"
+    loose = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in made if p.stat().st_mode & 0o077]
+    assert loose == []

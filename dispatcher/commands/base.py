@@ -73,6 +73,8 @@ class CommandSpec:
     # Its playbook reports per host `changed` in check mode, so it can be confirmed by
     # reply (commands.<NAME>.confirm in the config): a check run first, the real one on CONFIRMAR.
     confirmable: bool = False
+    # Seconds its playbook may run before it is stopped (None: worker.playbook_timeout).
+    run_timeout: int | None = None
     # Hosts of controller-side plays (input checks on localhost) that are not
     # part of the answer; a command whose work runs on the controller clears it.
     ignore_hosts: tuple[str, ...] = ("localhost",)

@@ -16,6 +16,7 @@ class CheckIP(CommandSpec):
     example = "CHECKIP=3.3.3.3"
     playbook = "unban.yml"
     template = "checkip"
+    run_timeout = 300  # every fail2ban host, a few tasks each
 
     def parse(self, text, ctx):
         pairs = grammar.split_keywords(text, self.example)

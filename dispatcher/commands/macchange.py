@@ -22,6 +22,7 @@ class MacChange(CommandSpec):
     playbook = "macchange.yml"
     template = "macchange"
     confirmable = True
+    run_timeout = 300
 
     def parse(self, text, ctx):
         pairs = grammar.split_keywords(text, self.example)

@@ -34,6 +34,7 @@ class Ramais(CommandSpec):
     example = "RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"
     playbook = "audios.yml"
     template = "ramais"
+    run_timeout = 900  # scanning and zipping a large window (keep deploy TimeoutStopSec above it)
     ignore_hosts = ()  # the S3 route runs on the controller: localhost can be the worker
 
     def relevant(self, result):
