@@ -245,6 +245,41 @@ def cmd_token(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """Health for people and monitoring: exit 0 healthy, 1 degraded, 2 down."""
+    from dispatcher import health
+
+    cfg = config.load(args.config)
+    report = health.status(cfg)
+    code, reasons = health.verdict(report, cfg)
+    if args.json:
+        print(json.dumps({"status": health.VERDICTS[code], "reasons": reasons, **report}, indent=2))
+        return code
+    svc = report["service"]
+    print(f"athome: {health.VERDICTS[code].upper()}")
+    for reason in reasons:
+        print(f"  - {reason}")
+    running = "running" if svc["intake_running"] and svc["work_running"] else "NOT running"
+    print(
+        f"service: {running}; mailbox read {_ago_text(svc['mailbox_read_ago'])}, "
+        f"queue worked {_ago_text(svc['queue_worked_ago'])}"
+    )
+    print("jobs: " + ", ".join(f"{state} {n}" for state, n in report["jobs"].items()))
+    if report["oldest_pending_age"] is not None:
+        print(f"oldest pending job: {_ago_text(report['oldest_pending_age'])}")
+    print(
+        f"replies unsent: {report['replies_unsent']}; quarantined: {report['quarantined']}; "
+        f"senders locked out: {report['lockouts']}"
+    )
+    if svc["last_error"]:
+        print(f"last error ({_ago_text(svc['last_error_ago'])}): {svc['last_error']}")
+    return code
+
+
+def _ago_text(seconds) -> str:
+    return "never" if seconds is None else f"{seconds} s ago"
+
+
 def cmd_whitelist(args) -> int:
     """The same operations as WHITELIST by email, for an operator on the controller."""
     from dispatcher.commands.whitelist import change, listing
@@ -389,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     x = ts.add_parser("unlock", help="end a sender's lock-out after bad tokens")
     x.add_argument("sender")
     c.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("status", help="health: exit 0 healthy, 1 degraded, 2 down (for monitoring)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_status)
 
     c = sub.add_parser("whitelist", help="the senders allowed to send commands (as WHITELIST by email)")
     ws = c.add_subparsers(dest="action", required=True)

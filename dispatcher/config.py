@@ -105,6 +105,8 @@ class Config:
     poll_interval: float = 30.0
     brand: str = "ATHome"
     timezone: str = "America/Sao_Paulo"  # times shown to requesters (zoneinfo name)
+    down_after_minutes: float = 15.0  # athome status: mailbox not read for this long -> down
+    degraded_after_minutes: float = 30.0  # a job or reply waiting this long -> degraded
     aws_credentials_file: Path | None = None  # what AWS_SHARED_CREDENTIALS_FILE points to, if set here
     secret_problems: list[str] = field(default_factory=list)
 
@@ -310,6 +312,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
         "recordings",
         "brand",
         "timezone",
+        "monitoring",
     }
     for key in data:
         if key not in known:
@@ -424,6 +427,13 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     if cfg.lockout_window_minutes <= 0 or cfg.lockout_cooldown_minutes <= 0:
         problems.append("auth.lockout: window_minutes and cooldown_minutes must be positive")
 
+    mon = data.get("monitoring") or {}
+    cfg.down_after_minutes = _number(
+        mon, "down_after_minutes", cfg.down_after_minutes, "monitoring", problems, float
+    )
+    cfg.degraded_after_minutes = _number(
+        mon, "degraded_after_minutes", cfg.degraded_after_minutes, "monitoring", problems, float
+    )
     cmds = data.get("commands") or {}
     cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)
     cfg.confirm_minutes = _number(cmds, "confirm_minutes", cfg.confirm_minutes, "commands", problems, float)

@@ -54,6 +54,7 @@ from dispatcher.auth import (
 from dispatcher.commands import Command
 from dispatcher.config import Config
 from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
+from dispatcher.health import Health
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, disk_full, new_request_id
 from dispatcher.mail import (
@@ -133,6 +134,7 @@ class Dispatcher:
         self._locks: list[int] = []
         self._pruned_at = float("-inf")
         self.audit = AuditLog(cfg.audit_dir)
+        self.health = Health(cfg.state_dir / "health.json")
         self._decision: dict[str, Any] = {}  # what _decide found, for the audit record
 
     # ------------------------------------------------------------- plumbing
@@ -236,6 +238,7 @@ class Dispatcher:
                 log.error(
                     "intake: %s: %s; reconnecting in %ss", type(exc).__name__, exc, self.cfg.poll_interval
                 )
+                self.health.error("intake", f"{type(exc).__name__}: {exc}")
                 stop.wait(self.cfg.poll_interval)
 
     def _intake_pass(self, inbox) -> dict[str, int]:
@@ -267,6 +270,7 @@ class Dispatcher:
             counts["deferred"] = counts.get("deferred", 0) + 1  # more may wait beyond the limit
         if counts["fetched"]:
             log.info("intake pass: %s", counts)
+        self.health.ok("intake")
         return counts
 
     def _looks_genuine(self, msg: Incoming) -> str:
@@ -1014,6 +1018,7 @@ class Dispatcher:
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self.prune()
             self._pruned_at = time.monotonic()
+        self.health.ok("work")
         return done
 
     def _give_back(self, job: Job, reason: str) -> None:
@@ -1188,8 +1193,10 @@ class Dispatcher:
                     step()
                 except (AthomeError, OSError) as exc:
                     log.error("%s pass failed: %s", name, exc)
-                except Exception:
+                    self.health.error(name, str(exc))
+                except Exception as exc:
                     log.exception("%s pass crashed; continuing", name)
+                    self.health.error(name, f"{type(exc).__name__}: {exc}")
                 stop.wait(self.cfg.poll_interval)
 
         threads = [

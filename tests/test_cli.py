@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.mail import open_maildir
+from tests import servers
 from tests.messages import AUTHSERV, command_message
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,3 +155,38 @@ def test_state_files_are_private_whatever_umask_athome_is_started_with(cfg, tmp_
     assert len(made) > 10, "the pass wrote its queue, ledger and audit trail"
     loose = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in made if p.stat().st_mode & 0o077]
     assert loose == []
+
+
+def status(cfg) -> tuple[int, dict]:
+    proc = athome("--config", str(cfg), "status", "--json", check=False)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_status_says_down_healthy_or_degraded_with_an_exit_code_for_monitoring(cfg, tmp_path):
+    code, report = status(cfg)
+    assert code == 2 and report["status"] == "down" and "not running" in report["reasons"][0]
+    athome("--config", str(cfg), "token", "add", "--description", "s", "--sender", "ana@example.test")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "run"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        servers.wait_for(
+            lambda: status(cfg)[0] == 0, "the running service to report healthy", timeout=60, proc=proc
+        )
+        code, report = status(cfg)
+        assert report["service"]["intake_running"] and report["service"]["mailbox_read_ago"] is not None
+        # A record set aside: degraded, and says why.
+        (tmp_path / "state" / "queue" / "quarantine" / "20250101_000000_000000_00.json").write_text("{")
+        code, report = status(cfg)
+        assert code == 1 and any("quarantine" in r for r in report["reasons"])
+        text = athome("--config", str(cfg), "status", check=False)
+        assert text.returncode == 1 and text.stdout.startswith("athome: DEGRADED")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert status(cfg)[0] == 2, "stopped: down"
