@@ -53,6 +53,7 @@ class IMAPSettings:
     password: str = field(default="", repr=False)
     folder: str = "INBOX"
     processed_folder: str = ""  # move handled messages there; empty: only flag them \Seen
+    quarantine_folder: str = ""  # move messages set aside there; empty: only flag them
     cafile: str = ""
     timeout: int = 60
 
@@ -350,6 +351,7 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
             password=_secret(imap, "password", "mail.imap", problems),
             folder=str(imap.get("folder", "INBOX")),
             processed_folder=str(imap.get("processed_folder", "")),
+            quarantine_folder=str(imap.get("quarantine_folder", "")),
             cafile=str(_path(base, imap.get("cafile")) or ""),
             timeout=_number(imap, "timeout", 60, "mail.imap", problems),
         )

@@ -49,6 +49,7 @@ class Incoming:
 
 _MSGID = re.compile(r"<[^<>\s]{1,250}>")
 MAX_REFERENCES = 20
+SET_ASIDE_KEYWORD = "$AthomeSetAside"  # IMAP keyword of a message that kept failing
 FETCH_LIMIT = 500  # unseen messages read per pass, newest first: a flood cannot hide new mail
 SINGLE_HEADERS = ("from", "date", "subject", "message-id")  # RFC 5322: at most one each
 MSGID_TAG = "athome-ops"  # in our replies' Message-IDs: <....athome-ops@domain>
@@ -150,6 +151,7 @@ def parse_all(items) -> list[Incoming]:
 class Inbox(Protocol):
     def fetch(self, limit: int = FETCH_LIMIT) -> list[Incoming]: ...
     def ack(self, uid: str) -> None: ...
+    def set_aside(self, uid: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -240,6 +242,15 @@ class IMAPInbox:
         if self.settings.processed_folder:
             self.box.move(uid, self.settings.processed_folder)
 
+    def set_aside(self, uid: str) -> None:
+        """Flag it seen with the keyword $AthomeSetAside and move it to quarantine_folder
+        (when set): out of the way, never mistaken for a handled message."""
+        from imap_tools import MailMessageFlags
+
+        self.box.flag(uid, (MailMessageFlags.SEEN, SET_ASIDE_KEYWORD), True)
+        if self.settings.quarantine_folder:
+            self.box.move(uid, self.settings.quarantine_folder)
+
     def close(self) -> None:
         if self.box is not None:
             try:
@@ -296,10 +307,17 @@ class MaildirInbox:
             self._where[uid] = path
         return parse_all(items)
 
+    def set_aside(self, uid: str) -> None:
+        """Maildir has no keywords: seen and flagged (S, F), which a handled message never is."""
+        self._flag(uid, "FS")
+
     def ack(self, uid: str) -> None:
+        self._flag(uid, "S")
+
+    def _flag(self, uid: str, add: str) -> None:
         path = self._where.pop(uid)
         _, _, info = path.name.partition(":")
-        flags = "".join(sorted(set(info[2:] if info.startswith("2,") else "") | {"S"}))
+        flags = "".join(sorted(set(info[2:] if info.startswith("2,") else "") | set(add)))
         os.rename(path, self.path / "cur" / f"{uid}:2,{flags}")
 
     def close(self) -> None:

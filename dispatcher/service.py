@@ -289,26 +289,81 @@ class Dispatcher:
     def _handle(self, inbox, msg: Incoming, counts: dict[str, int]) -> None:
         try:
             outcome = self._intake(msg)
-        except Exception:
+        except Exception as exc:
             # Left unseen: the next pass tries again; the other messages go on.
             counts["failed"] += 1
+            shared = self._shared_state_problem(exc)
+            if shared:
+                # Not the message's fault: never counted against it, never set aside for it.
+                log.error("could not handle message uid %s: %s; it stays unseen", msg.uid, shared)
+                self.health.error("intake", shared)
+                return
             if self._count_failure(msg) < MAX_INTAKE_FAILURES:
                 log.exception("could not handle message uid %s; it stays unseen", msg.uid)
                 return
             log.exception(
-                "giving up on message uid %s after %d failed passes: flagged seen, left in the "
-                "mailbox for a person (Message-ID %s)",
+                "setting message uid %s aside after %d failed passes (Message-ID %s)",
                 msg.uid,
                 MAX_INTAKE_FAILURES,
                 msg.message_id or "none",
             )
-            outcome = "ignored"
+            self._set_aside(inbox, msg, exc)
+            return
         counts[outcome] += 1
         _crash_point("intake-before-ack")
         try:
             inbox.ack(msg.uid)
         except Exception:  # e.g. processed_folder missing: the seen marker prevents a rerun
             log.exception("could not flag or move message uid %s", msg.uid)
+
+    def _shared_state_problem(self, exc: BaseException) -> str:
+        """Why no message could be handled now ('' when the fault may be the message's):
+        a full state disk, or a senders file, tokens file or inventory that cannot be read."""
+        if disk_full(exc):
+            return f"the state disk is full ({exc})"
+        checks = (
+            ("senders file", self.whitelist.addresses),
+            ("tokens file", self.auth_store.entries),
+            ("inventory", self.inventory.get),
+        )
+        for what, check in checks:
+            try:
+                check()
+            except Exception as problem:
+                return f"the {what} cannot be read ({type(problem).__name__}: {problem})"
+        return ""
+
+    def _set_aside(self, inbox, msg: Incoming, exc: BaseException) -> None:
+        """A message that keeps failing on its own: flagged and moved out of the way
+        (imap.quarantine_folder), never to processed_folder; the admins are told (capped)."""
+        try:
+            inbox.set_aside(msg.uid)
+        except Exception:
+            log.exception("could not set message uid %s aside; it stays where it is", msg.uid)
+        folder = getattr(getattr(inbox, "settings", None), "quarantine_folder", "") or ""
+        self.audit.record(
+            "message",
+            uid=msg.uid,
+            subject=grammar.mask_subject(msg.subject),
+            outcome="set aside",
+            reason=f"{type(exc).__name__}: {grammar.mask_text(str(exc))}"[:300],
+        )
+        if not self._mail_allowed("set-aside", "*", MAX_REFUSALS_PER_HOUR):
+            return
+        self._alert_admins(
+            f"aside-{self._message_key(msg)[:24]}",
+            "uma mensagem foi deixada de lado",
+            [
+                ("Remetente (From)", " ".join(msg.from_header.split())[:200]),
+                ("Assunto", grammar.mask_subject(msg.subject)),
+                ("Message-ID", msg.message_id or "(nenhum)"),
+                ("Erro", f"{type(exc).__name__}: {grammar.mask_text(str(exc))}"[:300]),
+            ],
+            f"O tratamento falhou {MAX_INTAKE_FAILURES} vezes seguidas por causa desta mensagem. Ela foi "
+            + (f"movida para a pasta {folder} " if folder else "marcada (palavra-chave $AthomeSetAside) ")
+            + "e não será mais tentada; nada foi executado. O log do serviço tem o erro completo.",
+        )
+        self.flush_outbox()
 
     def _mail_allowed(self, kind: str, who: str, limit: int) -> bool:
         """At most `limit` mails of `kind` about `who` per hour; more are only logged."""

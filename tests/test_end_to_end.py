@@ -149,7 +149,8 @@ def assert_no_secret(site, smtp, *extra: str) -> None:
                 data += base64.b64decode(json.loads(data)["payload"]["raw"])
             for s in secrets:
                 assert s.encode() not in data, f"{s!r} leaked into {path}"
-    log = (site["cfg"].parent / "cli.log").read_text()
+    cli_log = site["cfg"].parent / "cli.log"
+    log = cli_log.read_text() if cli_log.exists() else ""
     for s in secrets:
         assert s not in log, f"{s!r} leaked into the logs"
     for m in smtp.messages:
@@ -336,3 +337,35 @@ def test_the_service_wakes_up_in_imap_idle_when_mail_arrives(site, dovecot, smtp
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
+
+
+def test_a_message_that_keeps_failing_is_set_aside_in_the_quarantine_folder(site, dovecot, smtp, monkeypatch):
+    from dispatcher import config
+    from dispatcher.service import MAX_INTAKE_FAILURES, Dispatcher
+
+    subprocess.run(
+        ["doveadm", "-c", str(dovecot.conf), "mailbox", "create", "-u", USER, "Quarentena"], check=False
+    )
+    cfg = yaml.safe_load(site["cfg"].read_text())
+    cfg["mail"]["imap"]["quarantine_folder"] = "Quarentena"
+    site["cfg"].write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("ATHOME_TEST_IMAP_PW", IMAP_PASSWORD)
+    monkeypatch.setenv("ATHOME_TEST_SMTP_PW", SMTP_PASSWORD)
+    d = Dispatcher(config.load(site["cfg"]))
+    real_render = d.replies.render
+
+    def render(kind, **values):  # fault injection: this message's reply can never be rendered
+        if kind == "help":
+            raise RuntimeError("template broken")
+        return real_render(kind, **values)
+
+    d.replies.render = render
+    dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<aside@example.test>"))
+    for _ in range(MAX_INTAKE_FAILURES):
+        d.poll_once()
+    assert dovecot.fetch_flags(USER) == [], "moved out of the inbox"
+    [flags] = dovecot.fetch_flags(USER, "Quarentena")
+    assert "$AthomeSetAside" in flags and "\\Seen" in flags
+    [alert] = replies(smtp)
+    assert alert["To"] == ADMIN and "deixada de lado" in alert["Subject"] and "Quarentena" in body(alert)
+    assert_no_secret(site, smtp)

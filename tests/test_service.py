@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from dispatcher import config
 from dispatcher.auth import TokenStore
 from dispatcher.errors import AthomeError
+from dispatcher.inventory import InventoryWatcher
 from dispatcher.service import Dispatcher
 from tests.messages import AUTH, command_message
 
@@ -100,15 +102,44 @@ def test_a_message_that_always_fails_is_set_aside_after_a_few_passes(make):
     d = make()
     drop(d, f"[{make.token}] HELP", "<always@x>")
 
+    real_render = d.replies.render
+
     def render(kind, **values):  # fault injection: HELP can never be rendered
-        raise RuntimeError("template broken")
+        if kind == "help":
+            raise RuntimeError("template broken")
+        return real_render(kind, **values)
 
     d.replies.render = render
     for _ in range(MAX_INTAKE_FAILURES - 1):
         assert d.poll_once()["failed"] == 1
     assert d._inbox_factory().fetch(), "still unseen, still retried"
     d.poll_once()
-    assert d._inbox_factory().fetch() == [], "set aside (flagged) after the last try"
+    assert d._inbox_factory().fetch() == [], "set aside after the last try"
+    [aside] = list((make.tmp / "in" / "cur").iterdir())
+    assert aside.name.endswith(":2,FS"), "flagged as set aside, not as handled"
+    [alert] = d.outbox.list("done")
+    assert alert.payload["kind"] == "security_alert" and alert.payload["rcpt"] == ["admin@example.test"]
+    assert [r["outcome"] for r in d.audit.search() if r.get("outcome") == "set aside"] == ["set aside"]
+
+
+def test_a_fault_of_shared_state_is_never_held_against_a_message(make, tmp_path):
+    from dispatcher.service import MAX_INTAKE_FAILURES
+
+    inventory = tmp_path / "inventory"
+    shutil.copytree(REPO_INVENTORY, inventory)
+    hosts = inventory / "hosts.yml"
+    good = hosts.read_text()
+    hosts.write_text("all: [this is not an inventory\n")  # broken before the service ever read it
+    d = make()
+    d.inventory = InventoryWatcher(inventory)
+    drop(d, f"[{make.token}] CHECKIP=3.3.3.3", "<shared@x>")
+    for _ in range(MAX_INTAKE_FAILURES + 2):
+        assert d.poll_once()["failed"] == 1
+    assert d._inbox_factory().fetch(), "still unseen: not set aside for the inventory's fault"
+    assert d.outbox.list("pending") == [] and d.outbox.list("done") == []
+    hosts.write_text(good)  # fixed: the message is handled on the next pass
+    assert d.poll_once()["queued"] == 1
+
 
 
 def test_a_job_for_a_command_this_version_does_not_know_is_answered_not_looped(make):
