@@ -7,6 +7,7 @@ loopback; the dispatcher runs as the `athome` command line, as in production.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import json
 import os
@@ -369,3 +370,59 @@ def test_a_message_that_keeps_failing_is_set_aside_in_the_quarantine_folder(site
     [alert] = replies(smtp)
     assert alert["To"] == ADMIN and "deixada de lado" in alert["Subject"] and "Quarentena" in body(alert)
     assert_no_secret(site, smtp)
+
+
+def test_the_service_rides_out_a_dovecot_restart_and_handles_mail_delivered_meanwhile(site, dovecot, smtp):
+    """Dovecot stops while the service waits in IDLE; mail arriving meanwhile is deferred
+    (the MTA keeps it and retries); Dovecot comes back: the service reconnects by itself
+    and answers the mail the MTA then delivers."""
+    import signal
+
+    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(site["cfg"]), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<before@example.test>"))
+        assert len(smtp.wait_for(1, timeout=60)) == 1, "up and in IDLE"
+        clients = descendants(dovecot.proc.pid)  # its imap processes hold the service's session
+        assert clients, "the service's IMAP session is served by a Dovecot process"
+        dovecot.stop()
+        for pid in clients:  # a restart drops every connection
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        during = command_email(f"[{site['token']}] HELP", msgid="<during@example.test>")
+        lda = ["/usr/lib/dovecot/dovecot-lda", "-c", str(dovecot.conf), "-d", USER]
+        deferred = subprocess.run(lda, input=during, capture_output=True, timeout=30)
+        assert deferred.returncode == 75, "EX_TEMPFAIL: the MTA keeps the mail and retries"
+        dovecot.start()
+        dovecot.deliver(USER, during)  # the MTA's retry
+        got = smtp.wait_for(2, timeout=90)
+        assert len(got) == 2, "answered after the restart"
+        assert proc.poll() is None, "the service never stopped"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    assert "reconnecting" in output, "it saw the connection go and came back by itself"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
