@@ -167,7 +167,14 @@ def macchange_replies() -> dict[str, tuple[str, dict]]:
         "010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written."
     )
     refused = {**mac_report(wrong, changed=False), "files": {}, "backups": [], "backups_pruned": [],
-               "notified": False, "error": refusal}  # fmt: skip
+               "notified": False, "error": refusal, "reason": "mismatch"}  # fmt: skip
+    disagree = (
+        "cannot write endpoints_sip.def (/etc/asterisk/endpoints_sip.def): [Errno 28] No space left on "
+        "device; restoring /etc/asterisk/__ENDPOINTS__.DEF failed too ([Errno 28] No space left on "
+        "device): the files DISAGREE, restore it from /etc/asterisk/__ENDPOINTS__.DEF.20251129_173142.bak"
+    )
+    half = {**refused, "error": disagree, "reason": "restore_failed",
+            "backups": [f"{DEF_PATH}.20251129_173142.bak", f"{SIP_PATH}.20251129_173142.bak"]}  # fmt: skip
     return {
         "macchange-success": ("macchange", result_values(swap, "success", playbook("macchange.yml", {
             "gv2p": host("changed", mac_report(swap)),
@@ -180,6 +187,9 @@ def macchange_replies() -> dict[str, tuple[str, dict]]:
         }, status="failed"))),
         "macchange-failed": ("macchange", result_values(wrong, "failed", playbook("macchange.yml", {
             "gv2p": host("failed", refused, [f"Fail with the reason.: {refusal}"]),
+        }, status="failed"))),
+        "macchange-files-disagree": ("macchange", result_values(swap, "failed", playbook("macchange.yml", {
+            "gv2p": host("failed", half, [f"Fail with the reason.: {disagree}"]),
         }, status="failed"))),
         "macchange-unreachable": ("macchange", result_values(swap, "failed", playbook("macchange.yml", {
             "gv2p": host("unreachable", errors=[f"Apply the endpoint_mac role: {UNREACHABLE}"]),
