@@ -177,7 +177,11 @@ class Chromium:
         os.close(child_w)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.call("Target.setDiscoverTargets", discover=False)  # the first answer: it is up
+        try:
+            self.call("Target.setDiscoverTargets", discover=False)  # the first answer: it is up
+        except BaseException:
+            self.__exit__()  # `with` calls it only once __enter__ has returned
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,8 +234,12 @@ class Chromium:
             message = self._inbox.get(timeout=left)
         except queue.Empty:
             raise BrowserError(f"Chromium: timed out waiting for {what} (see {self.stderr_path})") from None
-        if message is None:
-            raise BrowserError(f"Chromium exited ({self.proc.poll()}) (see {self.stderr_path})")
+        if message is None:  # the pipe closed: the browser is exiting, or has
+            try:
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = "still running"
+            raise BrowserError(f"Chromium closed its pipe (exit status {code}) (see {self.stderr_path})")
         if "id" in message:
             self._answers[message["id"]] = message
         else:

@@ -28,7 +28,7 @@ from dispatcher import auth, commands, grammar
 from dispatcher.errors import GrammarError
 from dispatcher.jobqueue import Job
 from dispatcher.replies import Replies
-from tests.browser import Chromium
+from tests.browser import BrowserError, Chromium
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "dispatcher" / "templates"
 WIDTHS = (360, 1024)
@@ -512,3 +512,10 @@ def test_the_checks_catch_console_errors_outside_loads_overflow_and_cut_words(br
     assert ok == [], "links and inline data are not outside resources"
     assert external_refs('<td background="//cdn.example.com/bg.gif">') != []
     assert external_refs("<style>@import 'https://x.example/a.css';</style>") != []
+
+
+def test_a_browser_that_dies_at_start_is_reported_not_waited_for(tmp_path):
+    browser = Chromium(tmp_path, executable="/bin/true")
+    with pytest.raises(BrowserError, match=r"closed its pipe \(exit status 0\)"):
+        browser.__enter__()
+    assert browser.proc is None, "stopped and cleaned up"
