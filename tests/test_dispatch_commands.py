@@ -110,6 +110,11 @@ def test_macchange_with_a_wrong_current_mac_writes_nothing_and_says_why(mac_site
     msg, text = site.last_result()
     assert "❌" in msg["Subject"]
     assert "nenhum arquivo foi alterado" in text and "010203040506" in text
+    why = "O MAC atual informado (AABBCCDDEEFF) não é o que o ramal 3010 tem nos dois arquivos"
+    detail = "Detalhe técnico: extension 3010 does not hold MAC AABBCCDDEEFF in both files"
+    assert why in text and detail in text and text.index(why) < text.index(detail), text
+    html = msg.get_body(("html",)).get_content()
+    assert why in html and html.index(why) < html.index("Detalhe técnico"), html
     assert gv2p.files() == before and gv2p.backups() == []
     [failed] = site.dispatcher.jobs.list("failed")
     assert failed.attempts == 1, "a refusal on the server is definitive: not retried"

@@ -177,49 +177,77 @@ def test_lower_case_mac_in_a_file_matches_the_request():
 
 
 @pytest.mark.parametrize(
-    "ext, current, new, message",
+    "ext, current, new, message, reason",
     [
         ("3010", "010203040507", "010203040599",
          "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds MAC "
-         "010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written."),
+         "010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.", "mismatch"),
         ("9999", "010203040506", "",
          "extension 9999 is in neither file: __ENDPOINTS__.DEF holds no such extension; "
-         "endpoints_sip.def holds no such extension. Nothing was written."),
+         "endpoints_sip.def holds no such extension. Nothing was written.", "not_found"),
         ("3010", "", "010203040588",
-         "extension 3010 does not hold MAC '' (empty) in both files"),
+         "extension 3010 does not hold MAC '' (empty) in both files", "mismatch"),
         ("3010", "010203040506", "805EC09B49F3",
-         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)."),
-        ("3010", "", "", "both empty"),
-        ("3010", "010203040506", "01:02:03:04:05:06", "are the same"),
-        ("30a0", "010203040506", "", "digits only"),
-        ("3010", "xyz", "", "not a MAC"),
+         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def).",
+         "mac_in_use"),
+        ("3010", "", "", "both empty", "invalid"),
+        ("3010", "010203040506", "01:02:03:04:05:06", "are the same", "invalid"),
+        ("30a0", "010203040506", "", "digits only", "invalid"),
+        ("3010", "xyz", "", "not a MAC", "invalid"),
     ],
 )
-def test_refusals_say_why(ext, current, new, message):
+def test_refusals_say_why(ext, current, new, message, reason):
     with pytest.raises(em.MacChangeError) as err:
         em.plan_change(TEXTS, ext, current, new)
     assert message in str(err.value)
+    assert err.value.reason == reason, "the reply says it in Portuguese from the reason"
+
+
+def test_every_reason_the_module_documents_has_a_portuguese_sentence_in_the_reply():
+    import yaml
+
+    from dispatcher.replies import Replies
+
+    doc = " ".join(yaml.safe_load(em.RETURN)["reason"]["description"])
+    reasons = set(re.findall(r"V\((\w+)\)", doc))
+    assert {"mismatch", "not_found", "mac_in_use", "write_failed", "restore_failed"} <= reasons
+    params = {"extension": "3010", "mac_current": "010203040506", "mac_new": "", "server": "gv2p",
+              "operation": "remove"}  # fmt: skip
+    sentences = set()
+    for reason in sorted(reasons):
+        report = {"error": "the module's message. Nothing was written.", "reason": reason}
+        result = {"hosts": {"gv2p": {"status": "failed", "report": report, "errors": []}}, "errors": []}
+        values = dict(command="MACCHANGE=3010", command_name="MACCHANGE", params=params, result=result)
+        text = Replies().render("macchange", request_id="r", outcome="failed", **values).text
+        lines = text[text.index("gv2p · ramal 3010") :].splitlines()[1:]
+        assert lines[2].strip() == "Detalhe técnico: the module's message. Nothing was written.", text
+        sentences.add(lines[1].strip())
+        assert ("nenhum arquivo foi alterado" in lines[0]) == (reason != "restore_failed"), lines[0]
+    assert len(sentences) == len(reasons), "one sentence per reason"
 
 
 def test_files_that_disagree_are_described_each():
     texts = dict(TEXTS, endpoints_sip=SIP.replace("3010;MAC:010203040506;", "3010;MAC:None;"))
     with pytest.raises(em.MacChangeError, match=(
-            r"__ENDPOINTS__.DEF holds MAC 010203040506; endpoints_sip.def holds no MAC \(None\)")):
+            r"__ENDPOINTS__.DEF holds MAC 010203040506; endpoints_sip.def holds no MAC \(None\)")) as err:
         em.plan_change(texts, "3010", "010203040506", "010203040599")
+    assert err.value.reason == "mismatch"
 
 
 def test_extension_missing_from_one_file():
     texts = dict(TEXTS, endpoints_sip=re.sub(r"(?m)^3010;.*\n", "", SIP))
     expected = "not exactly once.*endpoints_sip.def holds no such extension"
-    with pytest.raises(em.MacChangeError, match=expected):
+    with pytest.raises(em.MacChangeError, match=expected) as err:
         em.plan_change(texts, "3010", "010203040506", "010203040599")
+    assert err.value.reason == "ambiguous"
 
 
 def test_extension_twice_in_a_file_is_ambiguous():
     line = next(line for line in SIP.splitlines() if line.startswith("3010;"))
     texts = dict(TEXTS, endpoints_sip=SIP + "\n" + line + "\n")
-    with pytest.raises(em.MacChangeError, match="2 records for the extension"):
+    with pytest.raises(em.MacChangeError, match="2 records for the extension") as err:
         em.plan_change(texts, "3010", "010203040506", "010203040599")
+    assert err.value.reason == "ambiguous"
 
 
 def test_commented_out_mac_is_not_a_duplicate():

@@ -182,25 +182,27 @@ def test_three_legacy_runs_in_sequence(fleet):
 
 
 @pytest.mark.parametrize(
-    "extravars, message",
+    "extravars, message, reason",
     [
         ({"mac_current": "010203040507", "mac_new": "010203040599"},
          "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds "
-         "MAC 010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written."),
+         "MAC 010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.", "mismatch"),
         ({"extension": "3999", "mac_current": "010203040506", "mac_new": "010203040599"},
-         "extension 3999 is in neither file"),
+         "extension 3999 is in neither file", "not_found"),
         ({"mac_current": "010203040506", "mac_new": "805EC09B49F3"},
-         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)"),
+         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)",
+         "mac_in_use"),
     ],
     ids=["mac-mismatch", "unknown-extension", "duplicate-new-mac"],
 )
-def test_refused_change_writes_nothing(fleet, extravars, message):
+def test_refused_change_writes_nothing(fleet, extravars, message, reason):
     inventory, host, _ = fleet()
     res = macchange(inventory, **extravars)
     assert not res.succeeded
     result = res.hosts["gv2p"]
     assert result.status == "failed"
     assert message in result.report["error"]
+    assert result.report["reason"] == reason
     assert any(message in e for e in result.errors)
     assert result.report["changed"] is False and result.report["notified"] is False
     assert host.files() == (ORIG_DEF, ORIG_SIP)
@@ -250,6 +252,7 @@ def test_apply_and_failed_second_write_on_target_python(fleet, version):
     error = res.hosts["gv2p"].report["error"]
     assert "cannot write endpoints_sip.def" in error
     assert "__ENDPOINTS__.DEF was restored: both files are as they were" in error
+    assert res.hosts["gv2p"].report["reason"] == "write_failed"
     assert host.files() == before
     host.assert_owner_and_mode()
     assert host.notifications() == 1  # only the successful replace

@@ -170,6 +170,21 @@ mac_warnings:
   returned: always
   type: list
   elements: str
+reason:
+  description:
+    - Why the module failed, as one word, for a reply in the requester's language
+      (C(msg) says it in words for the operator).
+    - V(invalid) the request itself (extension, MACs); V(not_found) the extension is in
+      neither file; V(ambiguous) not exactly once in each file; V(mismatch) the files do
+      not both hold O(mac_current); V(mac_in_use) another extension holds O(mac_new);
+      V(file_missing), V(unreadable) a file; V(backup_failed); V(changed_meanwhile) a file
+      changed while the change was prepared; V(write_failed) a write failed and both files
+      are as they were; V(restore_failed) the first file could not be put back, so the two
+      files disagree.
+    - Nothing was written in every case but V(restore_failed).
+  returned: failure
+  type: str
+  sample: mismatch
 """
 
 import errno
@@ -213,7 +228,12 @@ _COMMENT_LINE = re.compile(r"^[ \t]*#[^\r\n]*", re.MULTILINE)
 
 
 class MacChangeError(Exception):
-    """A request the files cannot satisfy; the message is meant for the operator."""
+    """A request the files cannot satisfy; the message is meant for the operator, the
+    reason (a word of RETURN's `reason`) lets a reply say it in the requester's words."""
+
+    def __init__(self, message, reason):
+        Exception.__init__(self, message)
+        self.reason = reason
 
 
 class Record(object):
@@ -328,16 +348,16 @@ def plan_change(texts, extension, mac_current, mac_new):
     message for the operator when the request cannot be applied.
     """
     if not EXTENSION_RE.match(extension or ""):
-        raise MacChangeError("extension %r must be digits only" % (extension,))
+        raise MacChangeError("extension %r must be digits only" % (extension,), "invalid")
     try:
         current = normalize_mac(mac_current)
         new = normalize_mac(mac_new)
     except ValueError as exc:
-        raise MacChangeError(str(exc))
+        raise MacChangeError(str(exc), "invalid")
     if not current and not new:
-        raise MacChangeError("mac_current and mac_new are both empty: nothing to do")
+        raise MacChangeError("mac_current and mac_new are both empty: nothing to do", "invalid")
     if current == new:
-        raise MacChangeError("mac_current and mac_new are the same (%s)" % current)
+        raise MacChangeError("mac_current and mac_new are the same (%s)" % current, "invalid")
     operation = "replace" if current and new else ("remove" if current else "add")
 
     records, found, states = {}, {}, []
@@ -357,13 +377,14 @@ def plan_change(texts, extension, mac_current, mac_new):
         changed = False
     else:
         if all(len(found[k]) == 0 for k in found):
-            what = "extension %s is in neither file" % extension
+            what, reason = "extension %s is in neither file" % extension, "not_found"
         elif any(len(found[k]) != 1 for k in found):
-            what = "extension %s is not exactly once in each file" % extension
+            what, reason = "extension %s is not exactly once in each file" % extension, "ambiguous"
         else:
             what = "extension %s does not hold MAC %s in both files" % (
                 extension, current or "'' (empty)")
-        raise MacChangeError("%s: %s. Nothing was written." % (what, "; ".join(states)))
+            reason = "mismatch"
+        raise MacChangeError("%s: %s. Nothing was written." % (what, "; ".join(states)), reason)
 
     warnings = []
     if new:
@@ -375,7 +396,7 @@ def plan_change(texts, extension, mac_current, mac_new):
         if holders and changed:
             raise MacChangeError(
                 "MAC %s is already held by extension %s. Nothing was written."
-                % (new, ", ".join(holders)))
+                % (new, ", ".join(holders)), "mac_in_use")
         if holders:
             warnings.append("MAC %s is also held by extension %s" % (new, ", ".join(holders)))
     if operation == "add":
@@ -554,16 +575,18 @@ def main():
     for key in keys:
         label = FILE_RULES[key]["label"]
         if not os.path.isfile(paths[key]):
-            module.fail_json(msg="%s not found at %s. Nothing was written." % (label, paths[key]), **result)
+            module.fail_json(msg="%s not found at %s. Nothing was written." % (label, paths[key]),
+                             reason="file_missing", **result)
         try:
             texts[key] = read_text(paths[key])
         except (IOError, OSError) as exc:
-            module.fail_json(msg="cannot read %s (%s): %s" % (label, paths[key], exc), **result)
+            module.fail_json(msg="cannot read %s (%s): %s" % (label, paths[key], exc), reason="unreadable",
+                             **result)
 
     try:
         plan = plan_change(texts, extension, params["mac_current"], params["mac_new"])
     except MacChangeError as exc:
-        module.fail_json(msg=str(exc), **result)
+        module.fail_json(msg=str(exc), reason=exc.reason, **result)
 
     result.update(
         changed=plan["changed"],
@@ -608,7 +631,8 @@ def main():
                 os.makedirs(backup_dir, 0o700)
             result["backups"] = make_backups([paths[k] for k in keys], backup_dir)
         except (IOError, OSError) as exc:
-            module.fail_json(msg="cannot back up the endpoint files: %s. Nothing was written." % exc, **result)
+            module.fail_json(msg="cannot back up the endpoint files: %s. Nothing was written." % exc,
+                             reason="backup_failed", **result)
         for key, backup in zip(keys, result["backups"]):
             result[key]["backup"] = backup
 
@@ -621,7 +645,8 @@ def main():
             unchanged = False
         if not unchanged:
             module.fail_json(msg="%s changed while this change was being prepared. Nothing was "
-                             "written; run the command again." % FILE_RULES[key]["label"], **result)
+                             "written; run the command again." % FILE_RULES[key]["label"],
+                             reason="changed_meanwhile", **result)
 
     def keep_context(tmp, path):
         if module.selinux_enabled():
@@ -633,7 +658,7 @@ def main():
         write_atomically(paths[first], new_bytes[first], keep_context)
     except (IOError, OSError) as exc:
         module.fail_json(msg="cannot write %s (%s): %s. Nothing was written."
-                         % (FILE_RULES[first]["label"], paths[first], exc), **result)
+                         % (FILE_RULES[first]["label"], paths[first], exc), reason="write_failed", **result)
     try:
         write_atomically(paths[second], new_bytes[second], keep_context)
     except (IOError, OSError) as exc:
@@ -643,9 +668,10 @@ def main():
         except (IOError, OSError) as exc2:
             module.fail_json(
                 msg="%s; restoring %s failed too (%s): the files DISAGREE, restore it from %s"
-                % (failure, paths[first], exc2, result[first]["backup"] or "a copy"), **result)
+                % (failure, paths[first], exc2, result[first]["backup"] or "a copy"),
+                reason="restore_failed", **result)
         module.fail_json(msg="%s. %s was restored: both files are as they were."
-                         % (failure, FILE_RULES[first]["label"]), **result)
+                         % (failure, FILE_RULES[first]["label"]), reason="write_failed", **result)
 
     if params["backup"] and params["backup_keep"] > 0:
         for key in keys:
