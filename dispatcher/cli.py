@@ -128,10 +128,7 @@ def cmd_work(args) -> int:
     if args.once:
         log.info("work pass: %d job(s)", d.work_once())
         return 0
-    stop = _until_signalled()
-    while not stop.is_set():
-        d.work_once(stop=stop)
-        stop.wait(d.cfg.poll_interval)
+    d.work_forever(_until_signalled())
     return 0
 
 

@@ -104,6 +104,7 @@ class Config:
     artifacts_max_age_days: float = 14.0
     retention_days: float = 90.0
     poll_interval: float = 30.0
+    concurrency: int = 2  # worker threads: jobs on different hosts at once (1: one job at a time)
     brand: str = "ATHome"
     timezone: str = "America/Sao_Paulo"  # times shown to requesters (zoneinfo name)
     down_after_minutes: float = 15.0  # athome status: mailbox not read for this long -> down
@@ -467,8 +468,11 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     )
     cfg.poll_interval = _number(worker, "poll_interval", cfg.poll_interval, "worker", problems, float)
     cfg.retention_days = _number(worker, "retention_days", cfg.retention_days, "worker", problems, float)
+    cfg.concurrency = _number(worker, "concurrency", cfg.concurrency, "worker", problems)
     if cfg.max_attempts < 1:
         problems.append("worker.max_attempts: must be at least 1")
+    if cfg.concurrency < 1:
+        problems.append("worker.concurrency: must be at least 1")
     if not cfg.retry_backoff:
         problems.append("worker.retry_backoff: give at least one delay in seconds")
     recordings = data.get("recordings") or {}

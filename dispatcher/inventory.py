@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,13 @@ class InventoryWatcher:
         self.path = Path(path)
         self._sig: tuple | None = None
         self._inv: Inventory | None = None
+        self._lock = threading.Lock()  # intake and the workers read it from their threads
 
     def get(self) -> Inventory:
+        with self._lock:
+            return self._get()
+
+    def _get(self) -> Inventory:
         sig = _files_signature(self.path) if self.path.exists() else ()
         if self._inv is None or sig != self._sig:
             try:

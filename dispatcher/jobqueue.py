@@ -39,6 +39,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -278,9 +279,11 @@ class DirQueue:
             log.debug("queued %s", job.id)
             return job
 
-    def claim(self, now: float | None = None) -> Job | None:
+    def claim(self, now: float | None = None, accept: Callable[[Job], bool] | None = None) -> Job | None:
         """Take the oldest due pending job into processing/ (one winner per job).
 
+        `accept` (the parallel workers' host locks) is asked about each due job, oldest
+        first, and may pass over one: the next due job is then considered.
         A record that cannot be read is quarantined and the next one is tried. When
         the claim cannot be recorded (the rewrite with attempts + 1 fails: a full disk),
         the job goes back to pending/ unchanged and the error is raised."""
@@ -291,6 +294,8 @@ class DirQueue:
             job_id = name[: -len(_SUFFIX)]
             job = self._load("pending", job_id)
             if job is None or job.not_before > now:
+                continue
+            if accept is not None and not accept(job):
                 continue
             try:
                 os.rename(self._path("pending", job_id), self._path("processing", job_id))
@@ -375,14 +380,15 @@ class DirQueue:
         self._move(job, "failed", "pending", "requeue")
         return job
 
-    def recover(self, min_age: float = 0.0) -> list[str]:
+    def recover(self, min_age: float = 0.0, skip: Collection[str] = ()) -> list[str]:
         """Settle what a crash or a failed write left in processing/. Returns what was done,
         for the log.
 
-        Only for a caller that knows no job in processing/ is being worked on: records
-        younger than min_age seconds are left alone (the outbox is flushed by intake and
-        work at once). One record that cannot be settled now (a full disk) is logged and
-        left for the next call; the others go on."""
+        Only for a caller that knows no other job in processing/ is being worked on: the
+        ids in `skip` (the jobs its own workers hold) and records younger than min_age
+        seconds are left alone (the outbox is flushed by intake and work at once). One
+        record that cannot be settled now (a full disk) is logged and left for the next
+        call; the others go on."""
         actions = []
         young = time.time() - min_age
         for name in sorted(os.listdir(self.root / "processing")):
@@ -392,6 +398,8 @@ class DirQueue:
                 if min_age and os.lstat(self.root / "processing" / name).st_mtime > young:
                     continue
             job_id = name[: -len(_SUFFIX)]
+            if job_id in skip:
+                continue
             try:
                 action = self._recover_one(job_id)
             except OSError as exc:
@@ -442,11 +450,12 @@ class DirQueue:
             return f"{job_id}: interrupted -> pending (disk full: moved as it was)"
         return f"{job_id}: interrupted -> pending"
 
-    def completed_in_processing(self) -> list[Job]:
-        """Jobs whose result was saved before a crash but that were not finished."""
+    def completed_in_processing(self, skip: Collection[str] = ()) -> list[Job]:
+        """Jobs whose result was saved before a crash but that were not finished (but
+        those in `skip`: held by a worker right now)."""
         jobs = []
         for name in sorted(os.listdir(self.root / "processing")):
-            if name.endswith(_SUFFIX):
+            if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)] not in skip:
                 job = self._load("processing", name[: -len(_SUFFIX)])
                 if job is not None and job.result is not None:
                     jobs.append(job)

@@ -55,6 +55,7 @@ from dispatcher.commands import Command
 from dispatcher.config import Config
 from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
 from dispatcher.health import Health
+from dispatcher.hostlocks import HostLocks
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, disk_full, new_request_id
 from dispatcher.mail import (
@@ -133,6 +134,10 @@ class Dispatcher:
         self._sender = sender or self._default_sender()
         self._locks: list[int] = []
         self._pruned_at = float("-inf")
+        # The parallel workers: host locks and jobs in flight (one mutex), and one
+        # housekeeping pass (recovery of replies, sending, pruning, waiting jobs) at a time.
+        self.host_locks = HostLocks()
+        self._housekeeping = threading.Lock()
         self.audit = AuditLog(cfg.audit_dir)
         self.health = Health(cfg.state_dir / "health.json")
         self._decision: dict[str, Any] = {}  # what _decide found, for the audit record
@@ -270,6 +275,7 @@ class Dispatcher:
             counts["deferred"] = counts.get("deferred", 0) + 1  # more may wait beyond the limit
         if counts["fetched"]:
             log.info("intake pass: %s", counts)
+            self.host_locks.poke()  # a job may have been queued (or confirmed): wake a worker
         self.health.ok("intake")
         return counts
 
@@ -1025,56 +1031,99 @@ class Dispatcher:
     # ----------------------------------------------------------------- work
 
     def work_once(self, max_jobs: int | None = None, stop: threading.Event | None = None) -> int:
-        """Run due jobs until none is left (or max_jobs, or `stop` is set); then send replies.
-        Returns how many jobs were run or completed (quarantined ones are not counted).
+        """Run due jobs until none is left that can start (or max_jobs, or `stop` is set);
+        then send replies. Returns how many jobs were run or completed (quarantined ones
+        are not counted). Several workers (threads) may run it at once: each job holds
+        locks on the hosts it touches (`HostLocks`), so jobs on different hosts run at
+        once and two jobs never touch the same host at once.
 
         An OSError (a full disk) ends the pass; nothing is lost: the next pass starts
         with the recovery that puts back what the failure left in processing/."""
-        # Recovery on every pass, not only at start: a job that a failed write left in
-        # processing/ (a give-back on a full disk) goes back to pending/ as soon as space
-        # returns. Safe only because nothing is in flight here: this thread is the only
-        # one of the only process (work lock) that claims jobs, and every job claimed in
-        # an earlier pass is finished, given back or abandoned by now. Parallel workers
-        # would have to keep their in-flight jobs out of it.
-        self.jobs.recover()
-        for job in self.jobs.completed_in_processing():
-            self._settle(job)
-        self._sweep_waiting()
+        self._recover_jobs()
+        if self._housekeeping.acquire(blocking=False):
+            try:
+                self._sweep_waiting()
+            finally:
+                self._housekeeping.release()
         done = 0
         while (max_jobs is None or done < max_jobs) and not (stop and stop.is_set()):
-            job = self.jobs.claim()
+            job = self.host_locks.claim(self.jobs, self._hosts_of)
             if job is None:
                 break
-            problem = payload_problem(job.payload, JOB_FIELDS)
-            if problem:
-                self.jobs.quarantine(job, problem)
-                continue
-            done += 1
-            if job.result is not None:
-                # Given back with its result saved (by an older version): final, never run again.
-                self._settle(job)
-                continue
             try:
-                self._run(job)
-            except Exception as exc:  # never leave a claimed job behind
-                if disk_full(exc) and job.result is None:
-                    # The controller's disk, not the job: no attempt spent, and the pass
-                    # ends (the next one starts with the recovery if this fails too).
-                    with contextlib.suppress(OSError):
-                        self.jobs.release(job, f"the state disk is full: {exc}")
-                    raise
-                log.exception("%s: the worker failed around the playbook", job.id)
-                self._give_back(job, f"{type(exc).__name__}: {exc}")
-                continue
-            if job.state == "processing":  # its result is saved (else it went back to pending/)
-                self._settle(job)
-        self._recover_outbox()
-        self.flush_outbox(stop)
-        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
-            self.prune()
-            self._pruned_at = time.monotonic()
+                done += self._work_on(job)
+            finally:
+                self.host_locks.release(job.id)
+        if self._housekeeping.acquire(blocking=False):  # another worker is at it: once is enough
+            try:
+                self._recover_outbox()
+                self.flush_outbox(stop)
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+                    self.prune()
+                    self._pruned_at = time.monotonic()
+            finally:
+                self._housekeeping.release()
         self.health.ok("work")
         return done
+
+    def _recover_jobs(self) -> None:
+        """Recovery on every pass, not only at start: a job that a failed write left in
+        processing/ (a give-back on a full disk) goes back to pending/ as soon as space
+        returns. Only this process works the queue (work lock), and the jobs its workers
+        hold are kept out of it; claims wait meanwhile (the host locks' mutex), so a job
+        in flight is never recovered from under its worker."""
+        with self.host_locks.quiet() as in_flight:
+            self.jobs.recover(skip=in_flight)
+            completed = self.jobs.completed_in_processing(skip=in_flight)
+            for job in completed:
+                self.host_locks.hold(job.id)  # one worker settles it
+        for job in completed:
+            try:
+                self._settle(job)
+            finally:
+                self.host_locks.release(job.id)
+
+    def _hosts_of(self, job: Job) -> frozenset[str]:
+        """The hosts a pending job's playbook will touch, as the inventory resolves them
+        now. None for a job that runs nothing (its result is saved, its command is gone,
+        its payload is unusable: it is settled or quarantined at once)."""
+        spec = commands.COMMANDS.get(job.payload.get("command"))
+        if job.result is not None or spec is None or payload_problem(job.payload, JOB_FIELDS):
+            return frozenset()
+        inventory = self.inventory.get()  # a fault of the inventory is the pass's, not the job's
+        cmd = Command(job.payload["command"], job.payload["params"], job.payload["command_text"])
+        try:
+            return frozenset(spec.hosts(cmd, inventory))
+        except Exception as exc:  # its params do not say: lock every host, it runs alone
+            log.warning("%s: its hosts are unknown (%s); it locks every host", job.id, exc)
+            return frozenset(inventory.hosts) | {commands.CONTROLLER}
+
+    def _work_on(self, job: Job) -> int:
+        """Run one claimed job to its end (settled, given back or abandoned); 1 when it
+        counts as run or completed."""
+        problem = payload_problem(job.payload, JOB_FIELDS)
+        if problem:
+            self.jobs.quarantine(job, problem)
+            return 0
+        if job.result is not None:
+            # Given back with its result saved (by an older version): final, never run again.
+            self._settle(job)
+            return 1
+        try:
+            self._run(job)
+        except Exception as exc:  # never leave a claimed job behind
+            if disk_full(exc) and job.result is None:
+                # The controller's disk, not the job: no attempt spent, and the pass
+                # ends (the next one starts with the recovery if this fails too).
+                with contextlib.suppress(OSError):
+                    self.jobs.release(job, f"the state disk is full: {exc}")
+                raise
+            log.exception("%s: the worker failed around the playbook", job.id)
+            self._give_back(job, f"{type(exc).__name__}: {exc}")
+            return 1
+        if job.state == "processing":  # its result is saved (else it went back to pending/)
+            self._settle(job)
+        return 1
 
     def _give_back(self, job: Job, reason: str) -> None:
         """After an error of the worker itself: retry later, or fail it with a reply. A job
@@ -1239,35 +1288,53 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- loop
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Intake and work in two threads until `stop` is set (SIGTERM)."""
+    def work_forever(self, stop: threading.Event) -> None:
+        """`worker.concurrency` workers until `stop` is set; each finishes its current job.
+        An idle worker waits for poll_interval, or less when a host lock is released or
+        intake queues a job."""
 
-        def loop(name: str, step) -> None:
+        def worker() -> None:
             while not stop.is_set():
+                since = self.host_locks.generation
                 try:
-                    step()
+                    self.work_once(stop=stop)
                 except (AthomeError, OSError) as exc:
-                    log.error("%s pass failed: %s", name, exc)
-                    self.health.error(name, str(exc))
+                    log.error("work pass failed: %s", exc)
+                    self.health.error("work", str(exc))
+                    stop.wait(self.cfg.poll_interval)  # a full disk: not before poll_interval
+                    continue
                 except Exception as exc:
-                    log.exception("%s pass crashed; continuing", name)
-                    self.health.error(name, f"{type(exc).__name__}: {exc}")
-                stop.wait(self.cfg.poll_interval)
+                    log.exception("work pass crashed; continuing")
+                    self.health.error("work", f"{type(exc).__name__}: {exc}")
+                    stop.wait(self.cfg.poll_interval)
+                    continue
+                if not stop.is_set():
+                    self.host_locks.wait(since, self.cfg.poll_interval)
 
-        threads = [
-            threading.Thread(target=self.intake_forever, args=(stop,), name="intake", daemon=True),
-            threading.Thread(
-                target=loop, args=("work", lambda: self.work_once(stop=stop)), name="work", daemon=True
-            ),
+        workers = [
+            threading.Thread(target=worker, name=f"work-{n + 1}", daemon=True)
+            for n in range(self.cfg.concurrency)
         ]
-        for t in threads:
+        for t in workers:
             t.start()
+        stop.wait()
+        self.host_locks.poke()  # wake the idle ones
+        longest = max([self.cfg.playbook_timeout, *(s.run_timeout or 0 for s in commands.COMMANDS.values())])
+        deadline = time.monotonic() + longest + 30
+        for t in workers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Intake and the workers in threads until `stop` is set (SIGTERM)."""
+        intake = threading.Thread(target=self.intake_forever, args=(stop,), name="intake", daemon=True)
+        work = threading.Thread(target=self.work_forever, args=(stop,), name="work", daemon=True)
+        intake.start()
+        work.start()
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.is_set():
                 stop.wait(1)
-        # The worker finishes its current job; intake may sit in IDLE and has nothing
+        stop.set()
+        # The workers finish their current jobs; intake may sit in IDLE and has nothing
         # half-done (every step is idempotent), so it is not waited for long.
-        intake, work = threads
-        longest = max([self.cfg.playbook_timeout, *(s.run_timeout or 0 for s in commands.COMMANDS.values())])
-        work.join(timeout=longest + 30)
+        work.join()
         intake.join(timeout=5)

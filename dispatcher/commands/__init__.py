@@ -10,7 +10,16 @@ from __future__ import annotations
 import re
 
 from dispatcher import grammar
-from dispatcher.commands.base import ADMIN, ALWAYS, TOKEN, Answer, AnswerContext, Command, CommandSpec
+from dispatcher.commands.base import (
+    ADMIN,
+    ALWAYS,
+    CONTROLLER,
+    TOKEN,
+    Answer,
+    AnswerContext,
+    Command,
+    CommandSpec,
+)
 from dispatcher.commands.checkip import CheckIP
 from dispatcher.commands.info import Help, Status
 from dispatcher.commands.macchange import MacChange
@@ -27,6 +36,7 @@ __all__ = [
     "ADMIN",
     "ALWAYS",
     "COMMANDS",
+    "CONTROLLER",
     "TOKEN",
     "Answer",
     "AnswerContext",

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from dispatcher.audit import AuditLog
     from dispatcher.auth import SenderWhitelist, TokenStore
     from dispatcher.grammar import ParseContext
+    from dispatcher.inventory import Inventory
     from dispatcher.jobqueue import DirQueue
     from dispatcher.runner import PlaybookResult
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 ALWAYS = "always"  # any valid token (HELP, STATUS)
 TOKEN = "token"  # noqa: S105 - a token whose scope carries the command (or has no scope)
 ADMIN = "admin"  # an admin token only
+# The lock name of work done on the controller itself (plays on localhost).
+CONTROLLER = "localhost"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ class CommandSpec:
 
     def limit(self, cmd: Command) -> str | None:
         return None
+
+    def hosts(self, cmd: Command, inventory: Inventory) -> frozenset[str]:
+        """The hosts its playbook touches, as the current inventory resolves them: the
+        worker holds a lock on each while it runs, so two jobs never touch one host at
+        once. A playbook command that does not say locks every host (safe, not parallel);
+        dispatcher-side commands never reach the worker."""
+        return frozenset(inventory.hosts) | {CONTROLLER}
 
     def outcome(self, cmd: Command, result: PlaybookResult) -> str:
         """'success', 'partial' or 'failed' for the reply's headline."""

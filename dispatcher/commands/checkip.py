@@ -8,6 +8,8 @@ from __future__ import annotations
 from dispatcher import grammar
 from dispatcher.commands.base import Command, CommandSpec
 
+F2B_GROUP = "fail2ban_servers"
+
 
 class CheckIP(CommandSpec):
     name = "CHECKIP"
@@ -26,3 +28,7 @@ class CheckIP(CommandSpec):
 
     def extravars(self, cmd, request_id, requester):
         return {"ip": cmd.params["ip"], "request_id": request_id}
+
+    def hosts(self, cmd, inventory):
+        """Every enabled fail2ban server (the play skips the disabled ones)."""
+        return frozenset(h.name for h in inventory.group(F2B_GROUP))

@@ -65,3 +65,7 @@ class MacChange(CommandSpec):
             "mac_new": p["mac_new"],
             "request_id": request_id,
         }
+
+    def hosts(self, cmd, inventory):
+        """Its SERVER, the one host the play edits."""
+        return frozenset({cmd.params["server"]})

@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from dispatcher import grammar
-from dispatcher.commands.base import Command, CommandSpec
+from dispatcher.commands.base import CONTROLLER, Command, CommandSpec
 
 SIP_GROUP = "sip_servers"
+RECORDINGS_GROUP = "recordings"
 
 
 def received_at(request_id: str) -> str:
@@ -83,3 +84,14 @@ class Ramais(CommandSpec):
             "requester": requester,
             "received": received_at(request_id),
         }
+
+    def hosts(self, cmd, inventory):
+        """Where the work runs, chosen as playbooks/audios.yml does: for `audios_from: audio`
+        the server's `recordings_host` or else the first host of recordings; for `s3` (or
+        a server the play will refuse) the controller."""
+        server = inventory.hosts.get(cmd.params["server"])
+        if server is None or server.vars.get("audios_from") != "audio":
+            return frozenset({CONTROLLER})
+        first = next((h.name for h in inventory.hosts.values() if RECORDINGS_GROUP in h.groups), None)
+        worker = server.vars.get("recordings_host") or first
+        return frozenset({worker or CONTROLLER})
