@@ -950,7 +950,7 @@ class Dispatcher:
             specs=list(commands.COMMANDS.values()),
             jobs=self.jobs,
             whitelist=self.whitelist,
-            tokens=self.auth_store,
+            store=self.auth_store,
             audit=self.audit,
         )
         answer = spec.answer(cmd, ctx)

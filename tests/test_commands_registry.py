@@ -33,7 +33,7 @@ def test_the_example_parses_and_every_head_word_reaches_the_command(spec):
 def test_help_lists_every_command_an_admin_may_run_and_hides_admin_ones_from_others(make):  # noqa: F811
     d = make()
     ctx = dict(sender="ana@example.test", request_id="r", specs=SPECS, jobs=d.jobs)
-    ctx.update(whitelist=d.whitelist, tokens=d.auth_store, audit=d.audit)
+    ctx.update(whitelist=d.whitelist, store=d.auth_store, audit=d.audit)
     admin = commands.COMMANDS["HELP"].answer(
         commands.Command("HELP"), commands.AnswerContext(admin=True, **ctx)
     )
@@ -54,7 +54,7 @@ def test_every_reply_of_every_command_renders_in_text_and_html(spec, make):  # n
     if spec.playbook is None:
         ctx = commands.AnswerContext(
             sender="ana@example.test", admin=True, request_id="r", specs=SPECS, jobs=d.jobs,
-            whitelist=d.whitelist, tokens=d.auth_store, audit=d.audit,
+            whitelist=d.whitelist, store=d.auth_store, audit=d.audit,
         )  # fmt: skip
         answer = spec.answer(cmd, ctx)
         kinds = [(answer.template, answer.values)]

@@ -65,6 +65,19 @@ def athome(
     return proc
 
 
+def start_service(cfg: Path) -> subprocess.Popen:
+    """`athome run` as systemd would start it (secrets in its environment), output piped."""
+    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def command_email(subject: str, sender: str = REQUESTER, msgid: str = "<cmd-1@example.test>", **kw) -> bytes:
     """As the receiving server delivers it: with its Authentication-Results (see tests/messages.py)."""
     return command_message(subject, sender, msgid, display="Ana", **kw).as_bytes()
@@ -317,15 +330,7 @@ def test_the_service_wakes_up_in_imap_idle_when_mail_arrives(site, dovecot, smtp
     cfg = yaml.safe_load(site["cfg"].read_text())
     cfg["worker"]["poll_interval"] = 600
     site["cfg"].write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.cli", "--config", str(site["cfg"]), "run"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_service(site["cfg"])
     try:
         # A first command proves the service is up and has made a pass; after it the
         # service waits in IDLE (a fetch it might still be making sees the second one too).
@@ -378,15 +383,7 @@ def test_the_service_rides_out_a_dovecot_restart_and_handles_mail_delivered_mean
     and answers the mail the MTA then delivers."""
     import signal
 
-    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.cli", "--config", str(site["cfg"]), "run"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_service(site["cfg"])
     try:
         dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<before@example.test>"))
         assert len(smtp.wait_for(1, timeout=60)) == 1, "up and in IDLE"

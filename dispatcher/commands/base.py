@@ -32,7 +32,7 @@ class AnswerContext:
     specs: Sequence[CommandSpec]
     jobs: DirQueue
     whitelist: SenderWhitelist
-    tokens: TokenStore
+    store: TokenStore  # the tokens
     audit: AuditLog
 
 

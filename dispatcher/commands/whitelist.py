@@ -17,15 +17,15 @@ from dispatcher.errors import AthomeError, GrammarError
 ACTIONS = ("ADD", "REMOVE", "LIST")
 
 
-def admins_can_write(addresses: set[str], tokens: TokenStore) -> bool:
+def admins_can_write(addresses: set[str], store: TokenStore) -> bool:
     """Some enabled, unexpired admin token may be used from one of these addresses."""
     return any(
         e.admin and e.enabled and not e.expired() and any(e.allows_sender(a) for a in addresses)
-        for e in tokens.entries()
+        for e in store.entries()
     )
 
 
-def change(whitelist: SenderWhitelist, tokens: TokenStore, action: str, address: str) -> tuple[str, str]:
+def change(whitelist: SenderWhitelist, store: TokenStore, action: str, address: str) -> tuple[str, str]:
     """Apply ADD/REMOVE: (outcome, why) with outcome 'added', 'removed', 'unchanged' or
     'refused'; `why` is for the requester (pt-BR). Shared by the email command and the CLI."""
     current = whitelist.addresses()
@@ -40,7 +40,7 @@ def change(whitelist: SenderWhitelist, tokens: TokenStore, action: str, address:
         )
     if address not in current:
         return "unchanged", f"{address} não está na lista de remetentes."
-    if admins_can_write(current, tokens) and not admins_can_write(current - {address}, tokens):
+    if admins_can_write(current, store) and not admins_can_write(current - {address}, store):
         return "refused", (
             f"{address} é o último endereço de onde um token de administrador pode ser usado: "
             "removê-lo deixaria a lista sem administrador. Adicione outro administrador antes."
@@ -90,7 +90,7 @@ class Whitelist(CommandSpec):
             outcome, why = "listed", ""
         else:
             try:
-                outcome, why = change(ctx.whitelist, ctx.tokens, action, address)
+                outcome, why = change(ctx.whitelist, ctx.store, action, address)
             except AthomeError as exc:  # no senders file configured, a file that cannot be written
                 outcome, why = "refused", f"A lista não pôde ser alterada: {exc}"
             ctx.audit.record(
