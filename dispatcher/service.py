@@ -649,10 +649,10 @@ class Dispatcher:
         self._queue_ack(job, msg)
         return "queued"
 
-    def _queue_ack(self, job: Job, msg: Incoming) -> None:
-        """The confirmation of a queued job (idempotent by its id)."""
+    def _queue_ack(self, job: Job, msg: Incoming, confirmed: bool = False) -> None:
+        """The confirmation of a queued job (idempotent by its id), or of its CONFIRMAR."""
         self._queue_reply(
-            f"{job.id}-ack",
+            f"{job.id}-{'confirmed' if confirmed else 'ack'}",
             "ack",
             to=[job.payload["requester"]],
             msg=msg,
@@ -661,6 +661,7 @@ class Dispatcher:
             command_name=job.payload["command"],
             position=max(1, self.jobs.position(job.id)),
             confirm=job.payload.get("phase") == "check",
+            confirmed=confirmed,
         )
 
     # ------------------------------------------------------- confirmations
@@ -728,17 +729,7 @@ class Dispatcher:
                 reason="confirmed", command=match.payload["command_text"], confirms=match.id
             )
             log.info("%s confirmed by %s (message %s)", match.id, sender, request_id)
-            self._queue_reply(
-                f"{match.id}-confirmed",
-                "ack",
-                to=[sender],
-                msg=msg,
-                request_id=match.id,
-                command=match.payload["command_text"],
-                command_name=match.payload["command"],
-                position=max(1, self.jobs.position(match.id)),
-                confirmed=True,
-            )
+            self._queue_ack(match, msg, confirmed=True)
             return "queued"
         self._decision["reason"] = "confirmation code wrong, expired, used or another sender's"
         failure = self.throttle.failure(sender)
