@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,38 @@ TOKEN_PROBLEMS = {
 }
 
 
+def check_token(
+    entries: Sequence[TokenEntry],
+    lookup: Callable[[str], str],
+    token: str | None,
+    sender: str,
+    now: float | None = None,
+) -> TokenEntry:
+    """The entry this token belongs to, for this sender; AuthError('token', code) with a
+    code of TOKEN_PROBLEMS otherwise. One HMAC (`lookup`, under the server key), and one
+    scrypt for the entry found. No I/O: `entries` is a snapshot of the tokens file."""
+    if not token:
+        raise AuthError("token", "missing")
+    token = token.upper()
+    if not _TOKEN_RE.fullmatch(token):
+        raise AuthError("token", "malformed")
+    digest = lookup(token)
+    entry = next((e for e in entries if e.lookup and hmac.compare_digest(e.lookup, digest)), None)
+    if entry is None:
+        raise AuthError("token", "unknown")
+    # The binding before the slow hash: a token of another sender costs what an unknown
+    # one costs, so not even the time taken tells the requester that it exists.
+    if not entry.allows_sender(sender):
+        raise AuthError("token", "not-bound", entry.id)
+    if not _verify(token, entry.hash):
+        raise AuthError("token", "unknown")
+    if not entry.enabled:
+        raise AuthError("token", "disabled", entry.id)
+    if entry.expired(now):
+        raise AuthError("token", "expired", entry.id)
+    return entry
+
+
 class TokenStore:
     """The hashed tokens file. Re-read when it changes on disk."""
 
@@ -393,28 +426,8 @@ class TokenStore:
         return self.key.digest("token", token.upper())
 
     def check(self, token: str | None, sender: str, now: float | None = None) -> TokenEntry:
-        """The entry this token belongs to, for this sender; AuthError('token', code) with a
-        code of TOKEN_PROBLEMS otherwise. One HMAC, and one scrypt for the entry found."""
-        if not token:
-            raise AuthError("token", "missing")
-        token = token.upper()
-        if not _TOKEN_RE.fullmatch(token):
-            raise AuthError("token", "malformed")
-        digest = self.lookup(token)
-        entry = next((e for e in self.entries() if e.lookup and hmac.compare_digest(e.lookup, digest)), None)
-        if entry is None:
-            raise AuthError("token", "unknown")
-        # The binding before the slow hash: a token of another sender costs what an unknown
-        # one costs, so not even the time taken tells the requester that it exists.
-        if not entry.allows_sender(sender):
-            raise AuthError("token", "not-bound", entry.id)
-        if not _verify(token, entry.hash):
-            raise AuthError("token", "unknown")
-        if not entry.enabled:
-            raise AuthError("token", "disabled", entry.id)
-        if entry.expired(now):
-            raise AuthError("token", "expired", entry.id)
-        return entry
+        """The entry this token belongs to, for this sender (see `check_token`)."""
+        return check_token(self.entries(), self.lookup, token, sender, now)
 
     def problems(self, now: float | None = None, soon_days: float = 7) -> tuple[list[str], list[str]]:
         """(problems, warnings) for `athome check`."""
@@ -621,19 +634,24 @@ def _day(ts: float | None) -> str:
 
 @dataclass(frozen=True)
 class Identity:
+    """Who sent a command: the authenticated sender and the token that vouched for them."""
+
     sender: str
     token_id: str
     token_description: str
     admin: bool
+    commands: tuple[str, ...] | None = None  # the token's scope; None: every non-admin command
+
+    @classmethod
+    def of(cls, sender: str, entry: TokenEntry) -> Identity:
+        scope = None if entry.commands is None else tuple(entry.commands)
+        return cls(sender, entry.id, entry.description, entry.admin, scope)
 
 
-def may_run(identity: Identity, store: TokenStore, command: str, permission: str) -> bool:
+def may_run(identity: Identity, command: str, permission: str) -> bool:
     """`permission` is the command's (commands.ALWAYS / TOKEN / ADMIN)."""
     if permission == "admin":
         return identity.admin
     if permission == "always":
         return True
-    entry = next((e for e in store.entries() if e.id == identity.token_id), None)
-    if entry is None:
-        return False
-    return entry.commands is None or command in entry.commands
+    return identity.commands is None or command in identity.commands

@@ -28,7 +28,6 @@ import base64
 import collections
 import contextlib
 import fcntl
-import hmac
 import json
 import logging
 import os
@@ -40,20 +39,18 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from dispatcher import commands, grammar, mailauth, runner
+from dispatcher import commands, decide, grammar, mailauth, runner
 from dispatcher.audit import AuditLog
 from dispatcher.auth import (
-    TOKEN_PROBLEMS,
     Identity,
     SenderWhitelist,
     TokenStore,
     domain_of,
-    may_run,
     sender_address,
 )
 from dispatcher.commands import Command
 from dispatcher.config import Config
-from dispatcher.errors import AthomeError, AuthError, GrammarError, PermanentTransportError, TransportError
+from dispatcher.errors import AthomeError, AuthError, PermanentTransportError, TransportError
 from dispatcher.health import Health
 from dispatcher.hostlocks import HostLocks
 from dispatcher.inventory import InventoryWatcher
@@ -66,7 +63,6 @@ from dispatcher.mail import (
     MaildirInbox,
     MaildirSender,
     SMTPSender,
-    answers_us,
     build_message,
 )
 from dispatcher.replies import Replies
@@ -140,7 +136,14 @@ class Dispatcher:
         self._housekeeping = threading.Lock()
         self.audit = AuditLog(cfg.audit_dir)
         self.health = Health(cfg.state_dir / "health.json")
-        self._decision: dict[str, Any] = {}  # what _decide found, for the audit record
+        self.policy = decide.Policy(
+            ar_required=cfg.ar_required,
+            trusted_authserv_ids=tuple(cfg.trusted_authserv_ids),
+            max_age=timedelta(hours=cfg.max_age_hours),
+            max_future=timedelta(minutes=cfg.max_future_minutes),
+            confirm=frozenset(cfg.confirm),
+            local_time=self.replies.local_time,
+        )
 
     # ------------------------------------------------------------- plumbing
 
@@ -408,57 +411,55 @@ class Dispatcher:
     def _marker(self, msg: Incoming) -> Path:
         return self.cfg.seen_dir / self._message_key(msg)
 
-    def _screen(self, msg: Incoming) -> str:
-        """What needs no ledger entry and gets no reply (only an audit record): automatic
-        mail, a duplicated identity header, a reply to our own mail without a token, a
-        sender not on the whitelist. Returns the sender, or '' when the message is ignored."""
-        sender = self._screened(msg)
-        if not sender:
+    def _context(self, msg: Incoming) -> decide.Context:
+        """What `decide` needs to know about this message's world, read now: the
+        whitelist, the tokens, the inventory, the From address's lock-out and, when the
+        subject carries a confirmation code, the requests waiting for one."""
+        try:
+            claimed = sender_address(msg.from_header)
+        except AuthError:
+            claimed = ""
+        waiting: tuple[decide.Waiting, ...] = ()
+        if grammar.lenient_token(msg.subject).token is None and grammar.find_confirmation(msg.subject):
+            waiting = tuple(
+                decide.Waiting(
+                    job.id,
+                    self._code(job),
+                    job.payload.get("requester", ""),
+                    float(job.payload["confirm"].get("expires", 0)),
+                    job.payload.get("command_text", ""),
+                )
+                for job in self.jobs.list("waiting")
+                if (job.payload.get("confirm") or {}).get("nonce")
+            )
+        return decide.Context(
+            now=datetime.now(timezone.utc),
+            policy=self.policy,
+            senders=frozenset(self.whitelist.addresses()),
+            tokens=self.auth_store.entries(),
+            token_lookup=self.auth_store.lookup,
+            parse_context=self.inventory.get().parse_context(self.cfg.max_window_days),
+            locked_until=self.throttle.locked_until(claimed) if claimed else 0.0,
+            waiting=waiting,
+        )
+
+    def _intake(self, msg: Incoming) -> str:
+        """Decide (pure), then, under the message's request id, carry the decision out."""
+        decision = decide.decide(msg, self._context(msg))
+        if decision.action is decide.Action.IGNORE:
+            # No ledger entry, no reply (no backscatter to forged or unknown senders).
+            quiet = msg.automated or decision.reason.startswith("a reply to our own mail")
+            (log.info if quiet else log.warning)("ignored message uid %s: %s", msg.uid, decision.reason)
             self.audit.record(
                 "message",
                 uid=msg.uid,
                 sender=" ".join(msg.from_header.split())[:200],
                 subject=grammar.mask_subject(msg.subject),
                 outcome="ignored",
-                **self._decision,
+                reason=decision.reason,
             )
-        return sender
-
-    def _screened(self, msg: Incoming) -> str:
-        self._decision = {}
-        if msg.automated:
-            self._decision["reason"] = f"automatic mail ({msg.automated})"
-            log.info("ignored message uid %s: automatic mail (%s)", msg.uid, msg.automated)
-            return ""
-        if msg.duplicated:
-            self._decision["reason"] = f"more than one {'/'.join(msg.duplicated)} header"
-            # DKIM verifies the bottom-most copy of a header, we would read the topmost: a
-            # copy added above a signed one could change the command or its date.
-            log.warning("ignored message uid %s: more than one %s header", msg.uid, "/".join(msg.duplicated))
-            return ""
-        no_token = grammar.lenient_token(msg.subject).token is None
-        if no_token and answers_us(msg) and grammar.find_confirmation(msg.subject) is None:
-            # A person answered one of our replies without a command: nothing to do, no alarm.
-            log.info("ignored message uid %s: a reply to our own mail without a token", msg.uid)
-            self._decision["reason"] = "a reply to our own mail without a token"
-            return ""
-        try:
-            sender = sender_address(msg.from_header)
-        except AuthError as exc:
-            log.warning("ignored message uid %s: %s", msg.uid, exc.detail)
-            self._decision["reason"] = exc.detail
-            return ""
-        if not self.whitelist.allows(sender):
-            # No reply (no backscatter to forged or unknown senders): a log line is all.
-            log.warning("ignored message uid %s from %s: not on the whitelist", msg.uid, sender)
-            self._decision["reason"] = "not on the whitelist"
-            return ""
-        return sender
-
-    def _intake(self, msg: Incoming) -> str:
-        sender = self._screen(msg)
-        if not sender:
             return "ignored"
+        sender = decision.sender
         marker = self._marker(msg)
         decided = marker.with_name(f"{marker.name}.decided")
         try:
@@ -478,17 +479,14 @@ class Dispatcher:
         _crash_point("intake-after-marker")
         job = self.jobs.find(request_id)
         if job is not None:
-            # Queued before a crash: only its confirmation may be missing. Never decided
-            # again, which could now refuse (a Date grown stale) what was accepted.
+            # Queued before a crash: only its confirmation may be missing. The decision
+            # taken now is not used: it could refuse (a Date grown stale) what was accepted.
             self._queue_ack(job, msg)
             outcome = "queued"
-            self._decision = {
-                "reason": "confirmed again after a crash",
-                "command": job.payload["command_text"],
-            }
+            audit = {"reason": "confirmed again after a crash", "command": job.payload["command_text"]}
         else:
-            outcome = self._decide(msg, request_id, sender)
-        self._audit_message(msg, sender, request_id, outcome, **self._decision)
+            outcome, audit = self._execute(msg, request_id, decision)
+        self._audit_message(msg, sender, request_id, outcome, **audit)
         # Not fsync'd: if a crash loses it, the message is decided again under the same
         # request id (above), which queues and answers nothing twice.
         decided.write_text(outcome)
@@ -527,97 +525,53 @@ class Dispatcher:
             tuple(msg.auth_results[:1]), domain_of(sender), tuple(self.cfg.trusted_authserv_ids)
         )
 
-    def _decide(self, msg: Incoming, request_id: str, sender: str) -> str:
-        """For a screened, whitelisted sender: authenticate (provenance, freshness,
-        lock-out, token), parse, check permission; then queue the job or answer.
-        Cheapest refusals first."""
-        self._decision = {}
-        subject_error = None
-        try:
-            found = grammar.find_token(msg.subject)
-        except GrammarError as exc:
-            found, subject_error = grammar.lenient_token(msg.subject), exc
-        text = found.text
-        masked = grammar.mask_subject(msg.subject, found.token)
-        if self.cfg.ar_required:
-            verdict = self._sender_verdict(msg, sender)
-            self._decision["verdict"] = verdict.reason
-            if not verdict.ok:
-                return self._refuse_unauthenticated(msg, request_id, sender, masked, verdict)
-        fresh = mailauth.check_date(
-            msg.date,
-            datetime.now(timezone.utc),
-            timedelta(hours=self.cfg.max_age_hours),
-            timedelta(minutes=self.cfg.max_future_minutes),
-        )
-        if not fresh.ok:
-            log.warning("refused %s from %s: Date %r (%s)", request_id, sender, msg.date, fresh.reason)
-            self._decision["reason"] = f"Date {msg.date!r} outside the freshness window"
-            return self._refuse(
-                msg,
-                request_id,
-                sender,
-                masked,
-                "Comando recusado: mensagem fora do prazo",
-                fresh.reason,
-                "Envie o comando de novo em um e-mail novo (não reenvie nem encaminhe o antigo).",
-            )
-        locked = self.throttle.locked_until(sender)
-        if locked:
+    def _execute(self, msg: Incoming, request_id: str, d: decide.Decision) -> tuple[str, dict[str, Any]]:
+        """Carry a decision out: the outcome for the ledger ('queued', 'replied' or
+        'ignored') and the audit record's fields. Every write happens here."""
+        A = decide.Action
+        sender, masked, audit = d.sender, d.masked, d.audit()
+        if d.action is A.UNAUTHENTICATED:
+            return self._refuse_unauthenticated(msg, request_id, d), audit
+        if d.action is A.REFUSE:
+            log.warning("refused %s from %s: %s", request_id, sender, d.reason)
+            return self._refuse(msg, request_id, sender, masked, **d.reply), audit
+        if d.action is A.BAD_TOKEN:
+            return self._refuse_token(msg, request_id, d), audit
+        if d.action is A.CONFIRM:
+            job = self.jobs.find(d.job_id)
+            if job is not None and job.state == "waiting":  # not expired or confirmed meanwhile
+                job.payload["phase"] = "run"
+                self.jobs.resume(job, by=request_id)
+                log.info("%s confirmed by %s (message %s)", job.id, sender, request_id)
+                self._queue_ack(job, msg, confirmed=True)
+                return "queued", audit
+            d = decide.bad_code(d)
+            audit = d.audit()
+        if d.action is A.BAD_CODE:
+            failure = self.throttle.failure(sender)
             log.warning(
-                "refused %s from %s: locked out after bad tokens (token not checked)", request_id, sender
-            )
-            until = self.replies.local_time(locked)
-            self._decision["reason"] = "sender locked out (token not checked)"
-            return self._refuse(
-                msg,
+                "refused %s from %s: confirmation code not accepted (%d in the window)",
                 request_id,
                 sender,
-                masked,
-                "Comando recusado: remetente bloqueado",
-                f"{TOKEN_PROBLEMS['locked']}, até {until}",
-                "Os administradores foram avisados. Se não foi você quem enviou os comandos com token "
-                "inválido, avise-os: alguém pode estar tentando usar o seu endereço.",
+                failure.count,
             )
-        if found.token is None:
-            code = grammar.find_confirmation(msg.subject)
-            if code is not None:  # the code is the capability: no token, same authentication
-                return self._confirm(msg, request_id, sender, masked, code)
-        try:
-            if found.problem == "malformed":
-                raise AuthError("token", "malformed")
-            entry = self.auth_store.check(found.token, sender)
-        except AuthError as exc:
-            return self._refuse_token(msg, request_id, sender, masked, exc, found)
-        identity = Identity(sender, entry.id, entry.description, entry.admin)
-        self._decision["token_id"] = entry.id
-        try:
-            if subject_error is not None:
-                subject_error.example = subject_error.example or commands.examples()
-                raise subject_error
-            inv = self.inventory.get()
-            cmd = commands.parse(text, inv.parse_context(self.cfg.max_window_days))
-        except GrammarError as exc:
-            # The message may quote what was typed (a token in the wrong place): masked too.
-            problem = grammar.mask_text(exc.message, found.token)
-            log.info("rejected %s from %s: %s", request_id, sender, problem)
-            self._decision.update(reason=problem, command_name=exc.command or "")
+            return self._refuse(msg, request_id, sender, masked, **d.reply), audit
+        if d.action is A.REJECT:
+            log.info("rejected %s from %s: %s", request_id, sender, d.reason)
             self._queue_reply(
                 f"{request_id}-reply",
                 "rejected",
                 to=[sender],
                 msg=msg,
                 subject=masked,
-                problem=problem,
-                example=exc.example,
-                command_name=exc.command or "",
+                command_name=d.command_name,
                 request_id=request_id,
+                **d.reply,
             )
-            return "replied"
-        spec = commands.spec_for(cmd.name)
-        self._decision.update(command=cmd.text, command_name=cmd.name)
-        if not may_run(identity, self.auth_store, cmd.name, spec.permission):
-            self._decision["reason"] = f"the token may not run {cmd.name}"
+            return "replied", audit
+        identity, cmd = d.identity, d.command
+        assert identity is not None and cmd is not None  # noqa: S101 - decide() sets both from here on
+        if d.action is A.DENY:
             log.warning("denied %s %s to %s (token %s)", request_id, cmd.name, sender, identity.token_id)
             self._queue_reply(
                 f"{request_id}-reply",
@@ -628,10 +582,10 @@ class Dispatcher:
                 command_name=cmd.name,
                 request_id=request_id,
             )
-            return "replied"
-        if spec.playbook is None:
-            self._answer_directly(spec, cmd, sender, msg, request_id, identity.admin)
-            return "replied"
+            return "replied", audit
+        if d.action is A.ANSWER:
+            self._answer_directly(cmd, identity, msg, request_id)
+            return "replied", audit
         payload = {
             "command": cmd.name,
             "params": cmd.params,
@@ -641,13 +595,13 @@ class Dispatcher:
             "message_id": msg.message_id,
             "references": msg.references,
         }
-        if cmd.name in self.cfg.confirm:
+        if d.check_first:
             payload["phase"] = "check"  # a check run first; the real one after CONFIRMAR
         job = self.jobs.put(payload, job_id=request_id)
         _crash_point("intake-after-job")
         log.info("queued %s %s for %s (token %s)", job.id, cmd.text, sender, identity.token_id)
         self._queue_ack(job, msg)
-        return "queued"
+        return "queued", audit
 
     def _queue_ack(self, job: Job, msg: Incoming, confirmed: bool = False) -> None:
         """The confirmation of a queued job (idempotent by its id), or of its CONFIRMAR."""
@@ -709,45 +663,6 @@ class Dispatcher:
             code=self._code(job),
             expires=self.replies.local_time(payload["confirm"]["expires"]),
             result=payload["confirm"]["check"],
-        )
-
-    def _confirm(self, msg: Incoming, request_id: str, sender: str, masked: str, code: str) -> str:
-        """CONFIRMAR <code>: the sender's own waiting job with that code runs. A wrong,
-        expired, reused or foreign code changes nothing, gets one reply that does not say
-        which, and counts towards the sender's lock-out like a wrong token."""
-        now = time.time()
-        match = None
-        for job in self.jobs.list("waiting"):
-            confirm = job.payload.get("confirm") or {}
-            if code and confirm.get("nonce") and hmac.compare_digest(self._code(job), code):
-                match = job if job.payload.get("requester") == sender else None
-                break
-        if match is not None and match.payload["confirm"]["expires"] > now:
-            match.payload["phase"] = "run"
-            self.jobs.resume(match, by=request_id)
-            self._decision.update(
-                reason="confirmed", command=match.payload["command_text"], confirms=match.id
-            )
-            log.info("%s confirmed by %s (message %s)", match.id, sender, request_id)
-            self._queue_ack(match, msg, confirmed=True)
-            return "queued"
-        self._decision["reason"] = "confirmation code wrong, expired, used or another sender's"
-        failure = self.throttle.failure(sender)
-        log.warning(
-            "refused %s from %s: confirmation code not accepted (%d in the window)",
-            request_id,
-            sender,
-            failure.count,
-        )
-        return self._refuse(
-            msg,
-            request_id,
-            sender,
-            masked,
-            "Confirmação não aceita",
-            "o código de confirmação está errado, expirou, já foi usado ou não é de um pedido seu",
-            "Nada foi executado. Confira o código no e-mail de confirmação, ou envie o comando de novo "
-            "para receber um código novo.",
         )
 
     def _sweep_waiting(self) -> None:
@@ -812,15 +727,12 @@ class Dispatcher:
             advice=advice,
         )
 
-    def _refuse_unauthenticated(
-        self, msg: Incoming, request_id: str, sender: str, masked: str, verdict: mailauth.Verdict
-    ) -> str:
+    def _refuse_unauthenticated(self, msg: Incoming, request_id: str, d: decide.Decision) -> str:
         """A whitelisted From that the receiving server did not authenticate: forged, or sent
         through a path that breaks DKIM. Nothing runs; the admins get one alert and the
         claimed sender a reply (both capped per sender)."""
-        log.warning(
-            "refused %s claiming to be %s: not authenticated (%s)", request_id, sender, verdict.reason
-        )
+        sender, masked = d.sender, d.masked
+        log.warning("refused %s claiming to be %s: not authenticated (%s)", request_id, sender, d.verdict)
         if self._mail_allowed("unauthenticated-alert", sender, 1):
             self._alert_admins(
                 f"{request_id}-alert",
@@ -829,7 +741,7 @@ class Dispatcher:
                     ("Remetente (From)", sender),
                     ("Assunto", masked),
                     ("Message-ID", msg.message_id or "(nenhum)"),
-                    ("Verificação", verdict.reason),
+                    ("Verificação", d.verdict),
                 ],
                 "O servidor de e-mail não confirmou (DMARC/DKIM) que a mensagem veio do domínio do "
                 "remetente. Se foi mesmo enviada por ele, veja no README o que fazer; se não, alguém "
@@ -849,13 +761,12 @@ class Dispatcher:
             cap="refusal-unauthenticated",
         )
 
-    def _refuse_token(
-        self, msg: Incoming, request_id: str, sender: str, masked: str, exc: AuthError, found
-    ) -> str:
+    def _refuse_token(self, msg: Incoming, request_id: str, d: decide.Decision) -> str:
         """A bad token from an authenticated, whitelisted sender: count it (lock-out), tell
         the admins with the requester in copy (the legacy "Token Invalido"), capped."""
+        sender, masked, exc = d.sender, d.masked, d.token_error
+        assert exc is not None  # noqa: S101 - a BAD_TOKEN decision carries its error
         code = exc.detail
-        self._decision.update(reason=f"token {code}", token_id=exc.token_id)
         if code == "missing":
             # Ordinary mail without a token is no guess: it must not let anyone who can
             # re-send a colleague's signed mail lock that colleague out.
@@ -911,10 +822,6 @@ class Dispatcher:
                     "o log do serviço registra cada tentativa.",
                 )
             return "ignored"
-        if code == "malformed" and found.problem == "malformed":
-            problem = found.hint
-        else:
-            problem = TOKEN_PROBLEMS.get(code, TOKEN_PROBLEMS["unknown"])
         if not self._mail_allowed("token-alert", sender, MAX_TOKEN_ALERTS_PER_HOUR):
             return "ignored"
         self._queue_reply(
@@ -925,18 +832,19 @@ class Dispatcher:
             msg=msg,
             sender=sender,
             subject=masked,
-            problem=problem,
+            problem=d.reply["problem"],
             lockout_failures=self.cfg.lockout_failures,
             lockout_window=f"{self.cfg.lockout_window_minutes:g}",
             lockout_cooldown=f"{self.cfg.lockout_cooldown_minutes:g}",
         )
         return "replied"
 
-    def _answer_directly(self, spec, cmd: Command, sender: str, msg: Incoming, request_id: str, admin: bool):
+    def _answer_directly(self, cmd: Command, identity: Identity, msg: Incoming, request_id: str) -> None:
         """A command without a playbook: its spec answers (HELP, STATUS, WHITELIST)."""
+        sender = identity.sender
         ctx = commands.AnswerContext(
             sender=sender,
-            admin=admin,
+            admin=identity.admin,
             request_id=request_id,
             specs=list(commands.COMMANDS.values()),
             jobs=self.jobs,
@@ -944,7 +852,7 @@ class Dispatcher:
             store=self.auth_store,
             audit=self.audit,
         )
-        answer = spec.answer(cmd, ctx)
+        answer = commands.spec_for(cmd.name).answer(cmd, ctx)
         self._queue_reply(
             f"{request_id}-reply",
             answer.template,
