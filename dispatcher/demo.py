@@ -167,7 +167,9 @@ def _print_replies(outbox: Path, seen: set[str]) -> None:
         print(f"   Arquivo: {path}")
         text = msg.get_body(("plain",)).get_content()
         body = text.split("----------------------------------------------")[0]
-        for line in body.splitlines()[3:]:
+        status, _, rest = body.partition("\n")
+        print(f"   Situação: {status}")
+        for line in rest.split("==============================================", 1)[-1].splitlines()[1:]:
             print(f"   │ {line}")
 
 

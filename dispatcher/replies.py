@@ -1,9 +1,19 @@
 """Reply emails from jinja2 templates: a subject, a text part and an HTML part.
 
-Each reply kind has dispatcher/templates/<kind>.txt.j2 (blocks `subject` and
+Each reply kind has dispatcher/templates/<kind>.txt.j2 (blocks `status` and
 `body`) and <kind>.html.j2 (block `body`); both extend the shared layout that
-carries the branding and the standard footer. Values from the request are
-passed as data, never as template source, and the HTML side autoescapes.
+carries the branding, the status line and the standard footer. Values from the
+request are passed as data, never as template source, and the HTML side
+autoescapes.
+
+Subjects and threading: a reply about a request is rendered with `thread`, the
+command's subject with the token masked, and its subject is `Re: <thread>`: the
+same for the acknowledgement, the result and any refusal, so mail clients that
+group a conversation by subject (Gmail: the subject without Re:/Fwd: must be the
+same, besides In-Reply-To/References) keep every reply about a request in one
+conversation. The status ('✅ CHECKIP concluído (pedido …)') is the first line of
+the body, which is what a client shows beside the subject. A message that replies
+to nothing (an alert to the admins) has the status as its subject.
 """
 
 from __future__ import annotations
@@ -32,7 +42,14 @@ STATE_PT = {
 }
 
 
-SUBJECT_END = "\x1e\n"  # ends the subject in the text layout (_layout.txt.j2)
+STATUS_END = "\x1e\n"  # ends the status line in the text layout (_layout.txt.j2)
+REPLY_PREFIX = "Re: "
+
+
+def thread_subject(thread: str) -> str:
+    """The subject of a reply about a request whose (masked) subject is `thread`."""
+    thread = " ".join(thread.split())
+    return thread if thread[:3].lower() == "re:" else f"{REPLY_PREFIX}{thread}"
 
 
 def br_datetime(value: str) -> str:
@@ -64,6 +81,7 @@ def local_time(value: str | float | int, tz: str = DEFAULT_TIMEZONE) -> str:
 @dataclass(frozen=True)
 class Rendered:
     subject: str
+    status: str  # the first line of the body: what happened, at a glance
     text: str
     html: str
 
@@ -97,11 +115,16 @@ class Replies:
         except TemplateNotFound:
             return False
 
-    def render(self, kind: str, **values) -> Rendered:
+    def render(self, kind: str, thread: str = "", **values) -> Rendered:
+        """`thread`: the masked subject of the request this replies to ('' for none)."""
         text_t = self.text_env.get_template(f"{kind}.txt.j2")
         html_t = self.html_env.get_template(f"{kind}.html.j2")
-        # The text layout renders the `subject` block first, then a record separator.
-        subject, _, text = text_t.render(**values).partition(SUBJECT_END)
+        # The text layout renders the `status` block first, then a record separator.
+        status, _, text = text_t.render(**values).partition(STATUS_END)
+        status = " ".join(status.split())
         return Rendered(
-            subject=" ".join(subject.split()), text=text.lstrip("\n"), html=html_t.render(**values)
+            subject=thread_subject(thread) if thread.strip() else status,
+            status=status,
+            text=f"{status}\n\n{text.lstrip(chr(10))}",
+            html=html_t.render(status=status, **values),
         )

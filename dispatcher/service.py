@@ -563,6 +563,7 @@ class Dispatcher:
                 "rejected",
                 to=[sender],
                 msg=msg,
+                thread=masked,
                 subject=masked,
                 command_name=d.command_name,
                 request_id=request_id,
@@ -578,13 +579,14 @@ class Dispatcher:
                 "denied",
                 to=[sender],
                 msg=msg,
+                thread=masked,
                 command=cmd.text,
                 command_name=cmd.name,
                 request_id=request_id,
             )
             return "replied", audit
         if d.action is A.ANSWER:
-            self._answer_directly(cmd, identity, msg, request_id)
+            self._answer_directly(cmd, identity, msg, request_id, masked)
             return "replied", audit
         payload = {
             "command": cmd.name,
@@ -594,6 +596,7 @@ class Dispatcher:
             "token_id": identity.token_id,
             "message_id": msg.message_id,
             "references": msg.references,
+            "subject": masked,  # the replies' thread (the token masked)
         }
         if d.check_first:
             payload["phase"] = "check"  # a check run first; the real one after CONFIRMAR
@@ -604,12 +607,20 @@ class Dispatcher:
         return "queued", audit
 
     def _queue_ack(self, job: Job, msg: Incoming, confirmed: bool = False) -> None:
-        """The confirmation of a queued job (idempotent by its id), or of its CONFIRMAR."""
+        """The confirmation of a queued job (idempotent by its id), or of its CONFIRMAR:
+        that one answers the CONFIRMAR message and refers to the command's too, so it
+        joins the request's conversation whatever the requester's client put in References."""
+        references = msg.references
+        if confirmed:
+            chain = [*job.payload.get("references", "").split(), *msg.references.split()]
+            references = " ".join(dict.fromkeys(chain))
         self._queue_reply(
             f"{job.id}-{'confirmed' if confirmed else 'ack'}",
             "ack",
             to=[job.payload["requester"]],
-            msg=msg,
+            in_reply_to=msg.message_id,
+            references=references,
+            thread=self._thread(job),
             request_id=job.id,
             command=job.payload["command_text"],
             command_name=job.payload["command"],
@@ -617,6 +628,12 @@ class Dispatcher:
             confirm=job.payload.get("phase") == "check",
             confirmed=confirmed,
         )
+
+    @staticmethod
+    def _thread(job: Job) -> str:
+        """The masked subject of the command a job came from: every reply about it is
+        `Re: <this>`, one conversation in the requester's mail client."""
+        return job.payload.get("subject") or job.payload.get("command_text", "")
 
     # ------------------------------------------------------- confirmations
 
@@ -651,16 +668,20 @@ class Dispatcher:
 
     def _queue_confirm_request(self, job: Job) -> None:
         payload = job.payload
+        code = self._code(job)
         self._queue_reply(
             f"{job.id}-confirm",
             "confirm",
             to=[payload["requester"]],
             in_reply_to=payload.get("message_id", ""),
             references=payload.get("references", ""),
+            # The code in the subject: a plain reply to this mail confirms. (So this one
+            # mail, and the answer to it, form a conversation of their own.)
+            thread=f"{self._thread(job)} — {grammar.CONFIRM_WORD} {code}",
             request_id=job.id,
             command=payload["command_text"],
             command_name=payload["command"],
-            code=self._code(job),
+            code=code,
             expires=self.replies.local_time(payload["confirm"]["expires"]),
             result=payload["confirm"]["check"],
         )
@@ -709,6 +730,7 @@ class Dispatcher:
             "refused",
             to=[sender],
             msg=msg,
+            thread=masked,
             subject=masked,
             headline=headline,
             problem=problem,
@@ -830,6 +852,7 @@ class Dispatcher:
             to=self.cfg.admin_addresses,
             cc=[sender],
             msg=msg,
+            thread="",  # the legacy subject, "Erro - Token Invalido": admins filter on it
             sender=sender,
             subject=masked,
             problem=d.reply["problem"],
@@ -839,7 +862,9 @@ class Dispatcher:
         )
         return "replied"
 
-    def _answer_directly(self, cmd: Command, identity: Identity, msg: Incoming, request_id: str) -> None:
+    def _answer_directly(
+        self, cmd: Command, identity: Identity, msg: Incoming, request_id: str, masked: str
+    ) -> None:
         """A command without a playbook: its spec answers (HELP, STATUS, WHITELIST)."""
         sender = identity.sender
         ctx = commands.AnswerContext(
@@ -858,6 +883,7 @@ class Dispatcher:
             answer.template,
             to=[sender],
             msg=msg,
+            thread=masked,
             request_id=request_id,
             **answer.values,
         )
@@ -874,10 +900,16 @@ class Dispatcher:
         cc: list[str] | None = None,
         in_reply_to: str = "",
         references: str = "",
+        thread: str | None = None,
         **values: Any,
     ) -> None:
+        """Render and queue one reply. `thread`: the masked subject of the request it is
+        about (its subject becomes `Re: <thread>`); by default that of `msg`; '' for a
+        subject of its own (the status)."""
         values.setdefault("request_id", "")
-        rendered = self.replies.render(kind, **values)
+        if thread is None:
+            thread = grammar.mask_subject(msg.subject) if msg else ""
+        rendered = self.replies.render(kind, thread=thread, **values)
         raw = build_message(
             from_address=self.cfg.from_address,
             to=to,
@@ -1156,6 +1188,7 @@ class Dispatcher:
                     to=[payload["requester"]],
                     in_reply_to=payload.get("message_id", ""),
                     references=payload.get("references", ""),
+                    thread=self._thread(job),
                     **values,
                 )
                 break

@@ -190,7 +190,7 @@ class Chromium:
         try:
             self._send("Browser.close")
             self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, BrowserError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
         finally:
@@ -222,7 +222,16 @@ class Chromium:
         message = {"id": self._next_id, "method": method, "params": params}
         if session:
             message["sessionId"] = session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:  # it died before reading (a browser that exits at start)
+            try:
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = "still running"
+            raise BrowserError(
+                f"Chromium closed its pipe (exit status {code}) (see {self.stderr_path})"
+            ) from None
         return self._next_id
 
     def _pump(self, deadline: float, what: str) -> None:

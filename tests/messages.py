@@ -50,3 +50,10 @@ def command_message(
         msg[name.replace("_", "-")] = value
     msg.set_content(body)
     return msg
+
+
+def status_of(reply) -> str:
+    """A reply's status line ('✅ CHECKIP concluído (pedido …)'): the first line of its text
+    part. Its subject is the request's own (`Re: [********] CHECKIP=3.3.3.3`)."""
+    text = reply.get_body(("plain",)).get_content()
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")

@@ -67,3 +67,69 @@ def test_every_reply_of_every_command_renders_in_text_and_html(spec, make):  # n
     for kind, values in kinds:
         rendered = replies.render(kind, request_id="20251111_171215_482913_a1", **values)
         assert rendered.subject and rendered.text.strip() and "<" in rendered.html
+
+
+PING = """
+from dispatcher.commands.base import ALWAYS, Answer, Command, CommandSpec
+
+
+class Ping(CommandSpec):
+    name = "PING"
+    order = 1
+    form = "words"
+    permission = ALWAYS
+    summary = "Responde pong."
+    syntax = example = "PING"
+
+    def parse(self, text, ctx):
+        return Command(self.name, {}, "PING")
+
+    def answer(self, cmd, ctx):
+        return Answer("help", {"commands": [self]})
+"""
+
+
+def test_a_new_command_is_its_own_module_and_nothing_else(tmp_path, monkeypatch):
+    """A module dropped into the package registers its command: the registry, decide()
+    and HELP take it without a change anywhere else."""
+    import sys
+    from datetime import datetime, timezone
+
+    from dispatcher import decide
+    from dispatcher.auth import TokenStore
+    from dispatcher.mail import Incoming
+
+    (tmp_path / "ping.py").write_text(PING)
+    monkeypatch.setattr(commands, "__path__", [*commands.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "dispatcher.commands.ping", raising=False)
+    try:
+        registry = commands._discover()
+    finally:
+        sys.modules.pop("dispatcher.commands.ping", None)
+    assert list(registry)[0] == "PING" and set(registry) == {"PING", *commands.COMMANDS}
+    monkeypatch.setattr(commands, "COMMANDS", registry)
+    monkeypatch.setattr(commands, "_BY_HEAD", {h: s for s in registry.values() for h in s.heads})
+    store = TokenStore(tmp_path / "tokens.json")
+    store.key.get(create=True)
+    _, token = store.add("ana", senders=["ana@example.test"])
+    msg = Incoming(
+        "1", "<m@x>", "ana@example.test", f"[{token}] PING", date="Tue, 04 Nov 2025 12:00:00 +0000"
+    )
+    ctx = decide.Context(
+        now=datetime(2025, 11, 4, 12, 1, tzinfo=timezone.utc),
+        policy=decide.Policy(ar_required=False),
+        senders=frozenset({"ana@example.test"}),
+        tokens=store.entries(),
+        token_lookup=store.lookup,
+        parse_context=CTX,
+    )
+    d = decide.decide(msg, ctx)
+    assert d.action is decide.Action.ANSWER and d.command.name == "PING"
+    answer = registry["HELP"].answer(
+        commands.Command("HELP"),
+        commands.AnswerContext(
+            "ana@example.test", False, "r", list(registry.values()), None, None, None, None
+        ),
+    )
+    help_text = Replies().render(answer.template, **answer.values).text
+    assert "PING" in help_text and help_text.index("PING") < help_text.index("RAMAIS")

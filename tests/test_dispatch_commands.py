@@ -19,7 +19,7 @@ from dispatcher import config
 from dispatcher.auth import TokenStore
 from dispatcher.service import Dispatcher
 from tests import servers
-from tests.messages import AUTH, command_message
+from tests.messages import AUTH, command_message, status_of
 from tests.test_macchange_playbook import MacHost
 
 REQUESTER = "ana@example.test"
@@ -66,7 +66,7 @@ class Site:
         return [email.message_from_bytes(p.read_bytes(), policy=default_policy) for p in files]
 
     def last_result(self):
-        results = [m for m in self.replies() if "recebido" not in m["Subject"]]
+        results = [m for m in self.replies() if "recebido" not in status_of(m)]
         return results[-1], results[-1].get_body(("plain",)).get_content()
 
 
@@ -93,12 +93,30 @@ def test_macchange_by_email_edits_both_files_and_reports_before_and_after(mac_si
     assert site.dispatcher.poll_once()["queued"] == 1
     assert site.dispatcher.work_once() == 1
     msg, text = site.last_result()
-    assert "✅" in msg["Subject"] and "MACCHANGE" in msg["Subject"]
+    assert "✅" in status_of(msg) and "MACCHANGE" in status_of(msg)
     assert "'serialnumber': '010203040506'" in text and "'serialnumber': '010203040599'" in text
     assert "MAC:010203040599" in text and "troca" in text
     def_bytes, sip_bytes = gv2p.files()
     assert b"'serialnumber': '010203040599'" in def_bytes and b"3010;MAC:010203040599;" in sip_bytes
     assert len(gv2p.backups()) == 2 and gv2p.notifications() == 1
+
+
+def test_a_warning_of_the_module_reaches_the_requester_in_portuguese(mac_site):
+    """Adding a MAC to an extension without one: endpoint_mac warns (in English) that other
+    extensions have none either; the reply says it in Portuguese, the English after it."""
+    site, _ = mac_site
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO= SERVER=gv2p")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    site.send("MACCHANGE=3010 MACATUAL= MACFUTURO=010203040588 SERVER=gv2p")
+    site.dispatcher.poll_once()
+    site.dispatcher.work_once()
+    msg, text = site.last_result()
+    assert "✅" in status_of(msg), text
+    assert "Atenção: Outros ramais também estão sem MAC: 2010." in text
+    assert "(detalhe técnico: other extensions also have no MAC: 2010)" in text
+    html = msg.get_body(("html",)).get_content()
+    assert "Outros ramais também estão sem MAC: 2010." in html
 
 
 def test_macchange_with_a_wrong_current_mac_writes_nothing_and_says_why(mac_site):
@@ -108,7 +126,7 @@ def test_macchange_with_a_wrong_current_mac_writes_nothing_and_says_why(mac_site
     site.dispatcher.poll_once()
     site.dispatcher.work_once()
     msg, text = site.last_result()
-    assert "❌" in msg["Subject"]
+    assert "❌" in status_of(msg)
     assert "nenhum arquivo foi alterado" in text and "010203040506" in text
     why = "O MAC atual informado (AABBCCDDEEFF) não é o que o ramal 3010 tem nos dois arquivos"
     detail = "Detalhe técnico: extension 3010 does not hold MAC AABBCCDDEEFF in both files"
@@ -170,7 +188,7 @@ def test_ramais_by_email_sends_the_link_and_the_counts_per_extension(ramais_site
     msg, text = site.last_result()
     want = rs.expected(calls, ["1121", "1122"], "2025-11-03 08:00", "2025-11-04 18:30")
     assert want, "the generated tree has calls in the window"
-    assert "✅" in msg["Subject"]
+    assert "✅" in status_of(msg)
     assert f"{len(want)} gravações" in text
     for ext in ("1121", "1122"):
         n = sum(1 for c in want if ext in c.parties)
@@ -189,7 +207,7 @@ def test_ramais_with_nothing_in_the_window_says_so_and_echoes_the_criteria(ramai
     msg, text = site.last_result()
     assert "Nenhuma gravação encontrada" in text
     assert "01/10/2025 00:00 a 02/10/2025 00:00" in text and "1121" in text
-    assert "❌" not in msg["Subject"]
+    assert "❌" not in status_of(msg)
     assert not list((site.workdir / "www").glob("*.zip"))
 
 
@@ -203,7 +221,7 @@ def test_a_target_disabled_between_queueing_and_running_is_not_reported_as_done(
     site.inventory_path.write_text(yaml.safe_dump(data))
     site.dispatcher.work_once()
     msg, text = site.last_result()
-    assert "❌" in msg["Subject"], text
+    assert "❌" in status_of(msg), text
     assert gv2p.files() == before
 
 
@@ -228,7 +246,7 @@ def confirm_site(sshd, workdir):
 
 
 def confirmation_request(site):
-    [msg] = [m for m in site.replies() if "Confirme" in m["Subject"]]
+    [msg] = [m for m in site.replies() if "Confirme" in status_of(m)]
     code = msg["Subject"].rsplit("CONFIRMAR ", 1)[1].strip()
     return msg, msg.get_body(("plain",)).get_content(), code
 
@@ -255,7 +273,7 @@ def test_a_confirmed_command_shows_the_change_runs_only_on_the_right_reply_and_o
     site.send("", subject="CONFIRMAR 123")
     assert d.poll_once()["replied"] == 3
     assert d.jobs.count("waiting") == 1 and d.jobs.count("pending") == 0
-    refusals = [m for m in site.replies() if "Confirmação não aceita" in m["Subject"]]
+    refusals = [m for m in site.replies() if "Confirmação não aceita" in status_of(m)]
     assert len(refusals) == 3 and all(code not in m.as_string() for m in refusals)
     # a plain reply to the confirmation request, no token: the code in its subject is enough
     site.send(
@@ -265,14 +283,14 @@ def test_a_confirmed_command_shows_the_change_runs_only_on_the_right_reply_and_o
     assert "Confirmação recebida" in site.replies()[-1].get_body(("plain",)).get_content()
     d.work_once()
     result, text = site.last_result()
-    assert "✅" in result["Subject"] and "MAC:010203040599" in text
+    assert "✅" in status_of(result) and "MAC:010203040599" in text
     assert b"3010;MAC:010203040599;" in gv2p.files()[1] and gv2p.notifications() == 1
     # the same code again (a replayed confirmation): nothing
     site.send("", subject=f"CONFIRMAR {code}")
     d.poll_once()
     d.work_once()
     assert gv2p.notifications() == 1 and d.jobs.count("done") == 1
-    assert len([m for m in site.replies() if "Confirmação não aceita" in m["Subject"]]) == 4
+    assert len([m for m in site.replies() if "Confirmação não aceita" in status_of(m)]) == 4
     records = [
         json.loads(x) for f in sorted((d.cfg.audit_dir).glob("*.jsonl")) for x in f.read_text().splitlines()
     ]
@@ -293,12 +311,12 @@ def test_an_unconfirmed_command_expires_with_a_reply_and_changes_nothing(confirm
     d.jobs.checkpoint(job)
     site.send("", subject=f"CONFIRMAR {code}")
     d.poll_once()
-    assert [m for m in site.replies() if "Confirmação não aceita" in m["Subject"]], "too late"
+    assert [m for m in site.replies() if "Confirmação não aceita" in status_of(m)], "too late"
     d.work_once()  # the sweep fails it with a reply
     [failed] = d.jobs.list("failed")
     assert failed.id == job.id and gv2p.files() == before
     msg, text = site.last_result()
-    assert "❌" in msg["Subject"] and "não chegou a tempo" in text
+    assert "❌" in status_of(msg) and "não chegou a tempo" in text
 
 
 def test_a_check_that_finds_nothing_to_change_asks_for_no_confirmation(confirm_site):
@@ -307,9 +325,9 @@ def test_a_check_that_finds_nothing_to_change_asks_for_no_confirmation(confirm_s
     site.send("MACCHANGE=3010 MACATUAL=AABBCCDDEEFF MACFUTURO=010203040599 SERVER=gv2p")
     d.poll_once()
     d.work_once()
-    assert d.jobs.count("waiting") == 0 and not [m for m in site.replies() if "Confirme" in m["Subject"]]
+    assert d.jobs.count("waiting") == 0 and not [m for m in site.replies() if "Confirme" in status_of(m)]
     msg, text = site.last_result()
-    assert "❌" in msg["Subject"] and "nenhum arquivo foi alterado" in text
+    assert "❌" in status_of(msg) and "nenhum arquivo foi alterado" in text
 
 
 def test_what_ran_and_what_changed_is_in_the_audit_trail(mac_site):

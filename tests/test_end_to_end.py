@@ -21,7 +21,7 @@ import yaml
 
 from dispatcher.auth import TokenStore
 from tests import servers
-from tests.messages import AUTH, command_message
+from tests.messages import AUTH, command_message, status_of
 
 USER = "service@example.test"
 IMAP_PASSWORD = "imap-test-password"
@@ -180,7 +180,7 @@ def test_checkip_email_is_confirmed_run_over_ssh_and_answered(site, dovecot, smt
     athome(site["cfg"], "poll", "--once")
     [ack] = replies(smtp)
     assert ack["In-Reply-To"] == "<cmd-1@example.test>"
-    assert "recebido" in ack["Subject"] and "CHECKIP=3.3.3.3" in body(ack)
+    assert "recebido" in status_of(ack) and "CHECKIP=3.3.3.3" in body(ack)
     assert dovecot.fetch_flags(USER) == ["\\Seen"], "flagged only after the job was queued"
     [job] = list((site["state"] / "queue" / "pending").iterdir())
     assert site["f2b"]["gv3p"].banned_jails("3.3.3.3") == ["asterisk"], "nothing ran yet"
@@ -188,7 +188,7 @@ def test_checkip_email_is_confirmed_run_over_ssh_and_answered(site, dovecot, smt
     athome(site["cfg"], "work", "--once")
     ack, result = replies(smtp)
     assert result["In-Reply-To"] == "<cmd-1@example.test>"
-    assert "✅" in result["Subject"] and "concluído" in result["Subject"]
+    assert "✅" in status_of(result) and "concluído" in status_of(result)
     text = body(result)
     for host in HOSTS:
         assert host in text
@@ -219,7 +219,7 @@ def test_hostile_and_malformed_commands_get_a_clear_reply_and_reach_no_server(si
     got = replies(smtp)
     assert len(got) == len(subjects)
     for m in got:
-        assert "não aceito" in m["Subject"]
+        assert "não aceito" in status_of(m)
         assert "Forma correta" in body(m) and "[SEU TOKEN]" in body(m)
     assert list((site["state"] / "queue" / "pending").iterdir()) == []
     actions = [site["f2b"][h].dir / "actions.log" for h in HOSTS]
@@ -269,7 +269,7 @@ def test_a_crash_after_the_run_completes_the_job_without_running_it_again(site, 
     actions_before = (site["f2b"]["gv1p"].dir / "actions.log").read_text()
     athome(site["cfg"], "work", "--once")
     assert (site["f2b"]["gv1p"].dir / "actions.log").read_text() == actions_before
-    results = [m for m in replies(smtp) if "CHECKIP concluído" in m["Subject"]]
+    results = [m for m in replies(smtp) if "CHECKIP concluído" in status_of(m)]
     assert len(results) == 1
     [done] = list((site["state"] / "queue" / "done").iterdir())
     record = json.loads(done.read_text())
@@ -290,7 +290,7 @@ def test_an_smtp_outage_delays_replies_and_loses_none(site, dovecot, smtp):
     smtp.down = False
     athome(site["cfg"], "poll", "--once")
     [help_reply] = replies(smtp)
-    assert "Comandos" in help_reply["Subject"] and "CHECKIP" in body(help_reply)
+    assert "Comandos" in status_of(help_reply) and "CHECKIP" in body(help_reply)
 
 
 def test_status_shows_a_request_to_its_requester(site, dovecot, smtp):
@@ -301,7 +301,7 @@ def test_status_shows_a_request_to_its_requester(site, dovecot, smtp):
     dovecot.deliver(USER, command_email(f"[{site['token']}] STATUS {request_id}", msgid="<s2@example.test>"))
     athome(site["cfg"], "poll", "--once")
     status = replies(smtp)[-1]
-    assert request_id in status["Subject"]
+    assert request_id in status_of(status)
     assert "na fila" in body(status) and "CHECKIP=5.5.5.5" in body(status)
 
 
@@ -316,7 +316,7 @@ def test_unreachable_hosts_are_retried_then_reported(site, dovecot, smtp, ssh_ke
     athome(site["cfg"], "poll", "--once")
     athome(site["cfg"], "work", "--once")  # attempts 1..3 (backoff 0 in this config)
     failure = replies(smtp)[-1]
-    assert "❌" in failure["Subject"] and "falhou" in failure["Subject"]
+    assert "❌" in status_of(failure) and "falhou" in status_of(failure)
     text = body(failure)
     assert "inacessível" in text and "mais tarde" in text
     [failed] = list((site["state"] / "queue" / "failed").iterdir())
@@ -338,7 +338,7 @@ def test_the_service_wakes_up_in_imap_idle_when_mail_arrives(site, dovecot, smtp
         assert len(smtp.wait_for(1, timeout=60)) == 1
         dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<idle@example.test>"))
         got = smtp.wait_for(2, timeout=60)
-        assert len(got) == 2 and all("Comandos" in m["Subject"] for m in replies(smtp))
+        assert len(got) == 2 and all("Comandos" in status_of(m) for m in replies(smtp))
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
@@ -373,7 +373,7 @@ def test_a_message_that_keeps_failing_is_set_aside_in_the_quarantine_folder(site
     [flags] = dovecot.fetch_flags(USER, "Quarentena")
     assert "$AthomeSetAside" in flags and "\\Seen" in flags
     [alert] = replies(smtp)
-    assert alert["To"] == ADMIN and "deixada de lado" in alert["Subject"] and "Quarentena" in body(alert)
+    assert alert["To"] == ADMIN and "deixada de lado" in status_of(alert) and "Quarentena" in body(alert)
     assert_no_secret(site, smtp)
 
 

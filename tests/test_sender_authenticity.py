@@ -14,7 +14,7 @@ import time
 
 import yaml
 
-from tests.messages import AUTHSERV, passing_results
+from tests.messages import AUTHSERV, passing_results, status_of
 from tests.test_end_to_end import (  # noqa: F401 - fixtures
     ADMIN,
     REQUESTER,
@@ -50,8 +50,8 @@ def actions(site) -> dict[str, str]:
     return {h: p.read_text() if p.exists() else "" for h, p in logs.items()}
 
 
-def by_subject(smtp, text: str) -> list:
-    return [m for m in replies(smtp) if text in m["Subject"]]
+def by_status(smtp, text: str) -> list:
+    return [m for m in replies(smtp) if text in status_of(m)]
 
 
 # ------------------------------------------------------------ Authentication-Results
@@ -80,11 +80,11 @@ def test_unauthenticated_commands_run_nothing_and_alert_the_admins_once(site, do
     athome(site["cfg"], "work", "--once")
     assert pending_jobs(site) == [] and actions(site) == before
     assert site["f2b"]["gv3p"].banned_jails("3.3.3.3") == ["asterisk"], "still banned: nothing ran"
-    [alert] = by_subject(smtp, "Alerta de segurança")
-    assert alert["To"] == ADMIN and REQUESTER in body(alert) and "não autenticada" in alert["Subject"]
+    [alert] = by_status(smtp, "Alerta de segurança")
+    assert alert["To"] == ADMIN and REQUESTER in body(alert) and "não autenticada" in status_of(alert)
     refusals = [m for m in replies(smtp) if m["To"] == REQUESTER]
     assert len(refusals) == 5, "one refusal per message, at most 5 an hour (no flood back)"
-    assert all("mensagem não autenticada" in m["Subject"] for m in refusals)
+    assert all("mensagem não autenticada" in status_of(m) for m in refusals)
     assert "não foi possível confirmar" in body(refusals[0])
     log = (site["cfg"].parent / "cli.log").read_text()
     assert "SPF alone does not authenticate From" in log and "untrusted authserv-id" in log
@@ -109,9 +109,9 @@ def test_a_token_bound_to_another_sender_is_refused_like_an_unknown_one(site, do
     dovecot.deliver(USER, command_email("[0123456789ABCDEF] CHECKIP=3.3.3.3", sender=BOB, msgid="<b2@x>"))
     athome(site["cfg"], "poll", "--once")
     assert pending_jobs(site) == []
-    [misuse] = by_subject(smtp, "token de outra pessoa")
+    [misuse] = by_status(smtp, "token de outra pessoa")
     assert misuse["To"] == ADMIN and not misuse["Cc"] and "athome token rotate t1" in body(misuse)
-    stolen, unknown = by_subject(smtp, "Token Invalido")
+    stolen, unknown = by_status(smtp, "Token Invalido")
     for m in (stolen, unknown):
         assert m["Subject"].endswith("Erro - Token Invalido") and m["Cc"] == BOB
     assert body(stolen).split("Problema:")[1] == body(unknown).split("Problema:")[1], (
@@ -159,18 +159,18 @@ def test_bad_tokens_lock_the_sender_out_and_others_are_still_served(site, doveco
     athome(site["cfg"], "poll", "--once")
     [job] = pending_jobs(site)
     assert job["payload"]["requester"] == BOB, "the right token during the lock-out does not run"
-    [notice] = by_subject(smtp, "bloqueado por tokens inválidos")
+    [notice] = by_status(smtp, "bloqueado por tokens inválidos")
     assert notice["To"] == ADMIN and "athome token unlock" in body(notice)
-    [refused] = by_subject(smtp, "remetente bloqueado")
+    [refused] = by_status(smtp, "remetente bloqueado")
     assert refused["To"] == REQUESTER and "bloqueado temporariamente" in body(refused)
     [ack] = [m for m in replies(smtp) if m["To"] == BOB]
-    assert "recebido" in ack["Subject"]
+    assert "recebido" in status_of(ack)
     log = (site["cfg"].parent / "cli.log").read_text()
     assert "locked out after bad tokens (token not checked)" in log
     # Still locked on the next pass: one notice per lock-out, never one per message.
     dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=3.3.3.3", msgid="<again@x>"))
     athome(site["cfg"], "poll", "--once")
-    assert len(pending_jobs(site)) == 1 and len(by_subject(smtp, "bloqueado por tokens")) == 1
+    assert len(pending_jobs(site)) == 1 and len(by_status(smtp, "bloqueado por tokens")) == 1
     # An operator ends it.
     athome(site["cfg"], "token", "unlock", REQUESTER)
     dovecot.deliver(USER, command_email(f"[{site['token']}] CHECKIP=3.3.3.3", msgid="<after@x>"))
@@ -206,7 +206,7 @@ def test_the_same_message_delivered_twice_runs_once_across_restarts_and_pruning(
     assert [j for j in pending_jobs(site)] == [] and len(
         list((site["state"] / "queue" / "done").iterdir())
     ) == 1
-    [stale] = by_subject(smtp, "fora do prazo")
+    [stale] = by_status(smtp, "fora do prazo")
     assert "há mais de 0.5 horas" in body(stale) and stale["To"] == REQUESTER
 
 
@@ -217,7 +217,7 @@ def test_an_old_or_future_date_is_refused_with_a_reply_that_says_why(site, dovec
     dovecot.deliver(USER, command_email(f"[{site['token']}] HELP", msgid="<f@x>", date=time.time() + 3600))
     athome(site["cfg"], "poll", "--once")
     old, future = sorted(replies(smtp), key=lambda m: "03/01/2022" not in body(m))
-    assert "fora do prazo" in old["Subject"] and "03/01/2022" in body(old)
+    assert "fora do prazo" in status_of(old) and "03/01/2022" in body(old)
     assert "no futuro" in body(future)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from dispatcher.auth import BACKUPS_KEPT, SenderWhitelist
 from dispatcher.errors import AthomeError
+from tests.messages import status_of
 from tests.test_end_to_end import (  # noqa: F401 - fixtures
     ADMIN,
     REQUESTER,
@@ -23,7 +24,7 @@ from tests.test_end_to_end import (  # noqa: F401 - fixtures
     smtp,
     smtp_submission,
 )
-from tests.test_sender_authenticity import by_subject, configure, pending_jobs
+from tests.test_sender_authenticity import by_status, configure, pending_jobs
 
 BOB = "bob@example.test"
 
@@ -89,13 +90,13 @@ def test_whitelist_by_email_for_admins_only(wl_site, dovecot, smtp):
     dovecot.deliver(USER, admin_email(site, f"WHITELIST REMOVE {REQUESTER}", "<w4@x>"))
     dovecot.deliver(USER, admin_email(site, f"WHITELIST REMOVE {ADMIN}", "<w5@x>"))
     athome(site["cfg"], "poll", "--once")
-    [added] = [m for m in by_subject(smtp, "Lista de remetentes: ADD")]
+    [added] = [m for m in by_status(smtp, "Lista de remetentes: ADD")]
     assert added["To"] == ADMIN and f"{BOB} foi adicionado" in body(added) and BOB in body(added)
     assert BOB in site["senders"].read_text()
     assert [j["payload"]["requester"] for j in pending_jobs(site)] == [BOB]
-    [denied] = by_subject(smtp, "não permitido")
-    assert denied["To"] == REQUESTER and "WHITELIST" in denied["Subject"]
-    inline, last_admin = by_subject(smtp, "Lista de remetentes: REMOVE")
+    [denied] = by_status(smtp, "não permitido")
+    assert denied["To"] == REQUESTER and "WHITELIST" in status_of(denied)
+    inline, last_admin = by_status(smtp, "Lista de remetentes: REMOVE")
     assert "arquivo de configuração" in body(inline) and REQUESTER in site["cfg"].read_text()
     assert "último endereço" in body(last_admin) and ADMIN in site["senders"].read_text()
     backups = list((site["workdir"] / "senders.txt.backups").iterdir())

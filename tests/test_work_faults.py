@@ -22,7 +22,7 @@ from dispatcher.auth import TokenStore
 from dispatcher.service import Dispatcher
 from tests import servers
 from tests.disk import small_disk
-from tests.messages import AUTH, command_message
+from tests.messages import AUTH, command_message, status_of
 from tests.test_macchange_playbook import MacHost, with_mac
 
 REQUESTER = "ana@example.test"
@@ -81,7 +81,7 @@ class Site:
         for sub in ("new", "cur"):
             for path in sorted((self.workdir / "outbox" / sub).glob("*")):
                 msg = email.message_from_bytes(path.read_bytes(), policy=default_policy)
-                out.append((msg["In-Reply-To"], "ack" if "recebido" in msg["Subject"] else "result"))
+                out.append((msg["In-Reply-To"], "ack" if "recebido" in status_of(msg) else "result"))
         return sorted(out)
 
     def queue_files(self) -> dict[str, list[str]]:

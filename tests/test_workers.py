@@ -23,6 +23,7 @@ import yaml
 
 from dispatcher.jobqueue import DirQueue
 from tests import servers
+from tests.messages import status_of
 from tests.test_dispatch_commands import REQUESTER, Site
 from tests.test_macchange_playbook import MacHost
 from tests.test_run_secrets import descendants, gone
@@ -295,12 +296,12 @@ def test_a_service_killed_mid_run_with_two_workers_loses_nothing(fleet):
     for job in done:
         assert job.attempts == 2 and any(h["event"] == "recovered after interruption" for h in job.history)
     replies = site.replies()
-    assert len(replies) == 4, [m["Subject"] for m in replies]
+    assert len(replies) == 4, [status_of(m) for m in replies]
     per_message: dict[str, list[str]] = {}
     for msg in replies:
-        per_message.setdefault(msg["In-Reply-To"], []).append(msg["Subject"])
+        per_message.setdefault(msg["In-Reply-To"], []).append(status_of(msg))
     assert len(per_message) == 2
-    for subjects in per_message.values():
-        assert sum("recebido" in s for s in subjects) == 1 and len(subjects) == 2, subjects
+    for statuses in per_message.values():
+        assert sum("recebido" in s for s in statuses) == 1 and len(statuses) == 2, statuses
     for name in ("gv1p", "gv2p"):
         assert b"3010;MAC:010203040599;" in fleet.macs[name].files()[1]

@@ -2,11 +2,15 @@
 
 To add a command, write dispatcher/commands/<name>.py (a CommandSpec
 subclass: its head words, grammar, permission, and its playbook or `answer`),
-its reply templates, its playbook if it has one, and list it in COMMANDS below.
+its reply templates, and its playbook if it has one. Nothing else: every
+CommandSpec subclass defined in a module of this package is registered, in
+the order of its `order` (the order of HELP).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 
 from dispatcher import grammar
@@ -20,16 +24,35 @@ from dispatcher.commands.base import (
     Command,
     CommandSpec,
 )
-from dispatcher.commands.checkip import CheckIP
-from dispatcher.commands.info import Help, Status
-from dispatcher.commands.macchange import MacChange
-from dispatcher.commands.ramais import Ramais
-from dispatcher.commands.whitelist import Whitelist
 from dispatcher.errors import GrammarError
 
-COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec for spec in (Ramais(), CheckIP(), MacChange(), Help(), Status(), Whitelist())
-}
+
+def _discover() -> dict[str, CommandSpec]:
+    """One instance of every CommandSpec subclass defined in this package's modules."""
+    specs: list[CommandSpec] = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        specs.extend(
+            obj()
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, CommandSpec)
+            and obj.__module__ == module.__name__
+            and obj.name
+        )
+    specs.sort(key=lambda spec: (spec.order, spec.name))
+    heads: dict[str, str] = {}
+    for spec in specs:
+        for head in spec.heads:
+            if head in heads:  # a programming error: fail at import, in every test
+                raise RuntimeError(f"head word {head} of {spec.name} is {heads[head]}'s already")
+            heads[head] = spec.name
+    return {spec.name: spec for spec in specs}
+
+
+COMMANDS: dict[str, CommandSpec] = _discover()
 _BY_HEAD = {head: spec for spec in COMMANDS.values() for head in spec.heads}
 
 __all__ = [

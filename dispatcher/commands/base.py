@@ -63,6 +63,7 @@ class CommandSpec:
     """
 
     name: str = ""
+    order: int = 50  # its place in HELP (and in the registry): lower first
     aliases: tuple[str, ...] = ()  # other head words (AJUDA for HELP)
     # 'keywords': HEAD=value KEY=value ...; 'words': HEAD arg arg (HELP, STATUS <id>, ...)
     form: str = "keywords"

@@ -13,6 +13,7 @@ F2B_GROUP = "fail2ban_servers"
 
 class CheckIP(CommandSpec):
     name = "CHECKIP"
+    order = 20
     summary = "Desbloqueia um IP no fail2ban de todos os servidores e o coloca na lista de liberados."
     syntax = "CHECKIP=<endereço IPv4 ou IPv6>"
     example = "CHECKIP=3.3.3.3"

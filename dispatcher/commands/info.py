@@ -9,6 +9,7 @@ from dispatcher.errors import GrammarError
 
 class Help(CommandSpec):
     name = "HELP"
+    order = 80
     aliases = ("AJUDA",)
     form = "words"
     permission = ALWAYS
@@ -29,6 +30,7 @@ class Help(CommandSpec):
 
 class Status(CommandSpec):
     name = "STATUS"
+    order = 85
     form = "words"
     permission = ALWAYS
     summary = "Mostra a situação de um pedido pelo seu identificador."

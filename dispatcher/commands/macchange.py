@@ -16,6 +16,7 @@ MAC_GROUP = "mac_servers"
 
 class MacChange(CommandSpec):
     name = "MACCHANGE"
+    order = 30
     summary = "Troca, remove ou adiciona o MAC de um ramal nos dois arquivos de endpoints."
     syntax = "MACCHANGE=<ramal> MACATUAL=<mac ou vazio> MACFUTURO=<mac ou vazio> SERVER=<servidor>"
     example = "MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p"

@@ -30,6 +30,7 @@ ISO = "%Y-%m-%d %H:%M"
 
 class Ramais(CommandSpec):
     name = "RAMAIS"
+    order = 10
     summary = "Separa as gravações de chamadas de ramais num período e envia um link para o ZIP."
     syntax = "RAMAIS=<ramal>[,<ramal>...] SERVER=<servidor> INICIO=DD/MM/AAAA HH:MM FIM=DD/MM/AAAA HH:MM"
     example = "RAMAIS=1121,1122 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59"

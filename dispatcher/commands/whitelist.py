@@ -56,6 +56,7 @@ def listing(whitelist: SenderWhitelist) -> list[dict[str, object]]:
 
 class Whitelist(CommandSpec):
     name = "WHITELIST"
+    order = 90
     form = "words"
     extra_chars = "@+"
     permission = ADMIN
