@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +33,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+GRPC_OFFSET = 10_000  # SeaweedFS serves gRPC on each service's port + 10000
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def grpc_ports(count: int, taken: set[int] | None = None) -> list[int]:
+    """`count` loopback ports p, each with p + GRPC_OFFSET free too, and none of them (nor
+    of `taken`) equal to another's gRPC port. An ephemeral port from the kernel is often
+    above 55535, where p + 10000 does not exist, or is some other service's gRPC port:
+    SeaweedFS then refuses to start."""
+    rng = random.Random()  # noqa: S311 - test ports, not secrets
+    used = set(taken or ())
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(20_000, 45_000)
+        pair = {port, port + GRPC_OFFSET}
+        if pair & used or not all(_port_free(p) for p in pair):
+            continue
+        used |= pair
+        chosen.append(port)
+    return chosen
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
@@ -160,7 +191,7 @@ class SeaweedSandbox:
 
     def __init__(self, base: Path):
         self.base = Path(base)
-        self.port = free_port()
+        self.port = grpc_ports(1)[0]
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -195,7 +226,8 @@ class SeaweedSandbox:
         weed = self.weed_binary()
         (self.base / "weed").mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        taken = {self.port, self.port + GRPC_OFFSET}
+        ports = dict(zip(("master", "volume", "filer"), grpc_ports(3, taken), strict=True))
         self.filer_port = ports["filer"]
         self.proc = subprocess.Popen(
             [
