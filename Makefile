@@ -45,9 +45,9 @@ demo: system-deps venv
 	$(BIN)/athome demo
 
 lint: venv
-	$(BIN)/ruff check dispatcher tests bench roles
+	$(BIN)/ruff check dispatcher tests bench collections
 	$(BIN)/yamllint -s .
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint -q playbooks roles
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint -q playbooks collections/ansible_collections/athome/voip/roles
 
 ## The committed inventories, as CI sees them (a deployment runs
 ## `athome --config /etc/athome/athome.yml check`, which also checks secrets).

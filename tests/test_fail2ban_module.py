@@ -14,9 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import servers
-
-ROLE = Path(__file__).resolve().parent.parent / "roles" / "fail2ban_whitelist"
-MODULE_UTILS = ROLE / "module_utils"
+from tests.collection_paths import FILTERS, MODULE_UTILS
 
 
 def _load(name: str, path: Path):
@@ -26,8 +24,8 @@ def _load(name: str, path: Path):
     return mod
 
 
-f2b = _load("athome_fail2ban", MODULE_UTILS / "athome_fail2ban.py")
-flt = _load("fail2ban_whitelist_filters", ROLE / "filter_plugins" / "fail2ban_whitelist.py")
+f2b = _load("athome_fail2ban", MODULE_UTILS / "fail2ban.py")
+flt = _load("fail2ban_whitelist_filters", FILTERS / "fail2ban_whitelist.py")
 
 # Exact answers of fail2ban-client 1.0.2 (recipe 03).
 STATUS = "Status\n|- Number of jail:\t2\n`- Jail list:\tasterisk, sshd\n"
@@ -103,16 +101,43 @@ def test_render_and_parse_managed_round_trip():
 
 @pytest.mark.parametrize(
     "value,ok",
-    [("3.3.3.3", True), ("2001:db8::7", True), ("3.3.3.3/32", False), ("3.3.3.3;id", False),
-     ("999.1.1.1", False), ("host.example", False), ("", False), (None, False), ("1.2.3", False)],
+    [
+        ("3.3.3.3", True),
+        ("2001:db8::7", True),
+        ("3.3.3.3/32", False),
+        ("3.3.3.3;id", False),
+        ("999.1.1.1", False),
+        ("host.example", False),
+        ("", False),
+        (None, False),
+        ("1.2.3", False),
+    ],
 )
 def test_is_single_address(value, ok):
     assert f2b.is_single_address(value) is ok
 
 
-BAD = ["0.0.0.0/0", "127.0.0.1", "3.3.3.3;id", "999.1.1.1", "::", "224.0.0.1", "", "::1",
-       "3.3.3.3 ", "169.254.1.1", "255.255.255.255", "240.0.0.1", "::ffff:127.0.0.1",
-       "fe80::1%eth0", "ff02::1", "3.3.3.3/32", "0.0.0.0", "3.3.3.3\n4.4.4.4", None]
+BAD = [
+    "0.0.0.0/0",
+    "127.0.0.1",
+    "3.3.3.3;id",
+    "999.1.1.1",
+    "::",
+    "224.0.0.1",
+    "",
+    "::1",
+    "3.3.3.3 ",
+    "169.254.1.1",
+    "255.255.255.255",
+    "240.0.0.1",
+    "::ffff:127.0.0.1",
+    "fe80::1%eth0",
+    "ff02::1",
+    "3.3.3.3/32",
+    "0.0.0.0",
+    "3.3.3.3\n4.4.4.4",
+    None,
+]
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -124,8 +149,12 @@ def test_filter_refuses(bad):
 
 @pytest.mark.parametrize(
     "good,canonical",
-    [("3.3.3.3", "3.3.3.3"), ("10.0.0.5", "10.0.0.5"), ("2001:DB8:0::7", "2001:db8::7"),
-     ("::ffff:3.3.3.3", "3.3.3.3")],
+    [
+        ("3.3.3.3", "3.3.3.3"),
+        ("10.0.0.5", "10.0.0.5"),
+        ("2001:DB8:0::7", "2001:db8::7"),
+        ("::ffff:3.3.3.3", "3.3.3.3"),
+    ],
 )
 def test_filter_accepts_and_normalizes(good, canonical):
     assert flt.ip_problem(good) == ""
@@ -147,7 +176,7 @@ def test_filter_agrees_with_ipaddress(addr):
 def test_module_utils_on_old_target_pythons(version):
     """The target-side helpers import and parse on the old interpreters the fleet runs."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import athome_fail2ban as m; "
+        "import sys; sys.path.insert(0, sys.argv[1]); import fail2ban as m; "
         "assert m.parse_status_jails(sys.argv[2]) == ['asterisk', 'sshd']; "
         "assert m.parse_banned_ip(\"[['sshd']]\") == ['sshd']; "
         "assert m.parse_ignoreip(sys.argv[3])[-1] == '3.3.3.3'; "

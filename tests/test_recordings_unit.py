@@ -1,4 +1,4 @@
-"""Pure helpers of roles/recordings (module_utils/athome_recordings.py), tested directly.
+"""Pure helpers of the recordings modules (athome.voip plugins/module_utils/recordings.py), tested directly.
 
 The same file is imported by the modules on the recordings host (Python 2.7,
 3.6, 3.11) and on the controller; the last tests run it under 2.7 and 3.6.
@@ -316,7 +316,7 @@ def test_write_exclusive_never_overwrites_and_leaves_no_temporary(tmp_path):
 
 OLD_PYTHON_SCRIPT = r"""
 import json, sys, zipfile
-import athome_recordings as h
+import recordings as h
 root, layout, dest = sys.argv[1], sys.argv[2], sys.argv[3]
 zipfile.ZIP64_LIMIT = 64
 m = h.NameMatcher(["112", "1121"], h.Window("2024-12-31 22:00", "2025-01-01 02:00"))
