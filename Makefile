@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint unit check bench system-deps venv clean
+.PHONY: demo test lint unit check bench system-deps venv clean ansible-test-setup sanity units
 
 ## Debian packages for the real servers the tests start on loopback (sshd,
 ## fail2ban, Dovecot) and the headless Chromium that opens every reply
@@ -44,10 +44,54 @@ venv: $(STAMP)
 demo: system-deps venv
 	$(BIN)/athome demo
 
-lint: venv
-	$(BIN)/ruff check dispatcher tests bench roles
+## ansible-test runs from the collection's own folder (it needs the
+## ansible_collections/<namespace>/<name> path) on the target Pythons the fleet runs,
+## 2.7 (CentOS 7 recordings host) and 3.6, and on the controller's: each passed
+## explicitly, so a missing interpreter fails the run instead of being skipped.
+## 2.7 and 3.6 come from pyenv (shipped on this image; `pyenv install` elsewhere),
+## linked into .make/pythons so ansible-test finds python2.7/python3.6 on PATH.
+## ansible-test bootstraps pip in its venvs with a get-pip.py it downloads from a
+## host outside the package registries; tests/ansible_test/get_pip.py stands in for
+## it (ensurepip + the registry) in ansible-test's cache.
+COLLECTION := collections/ansible_collections/athome/voip
+TARGET_PYTHONS := 2.7 3.6
+PY_LINKS := .make/pythons
+ANSIBLE_TEST_CACHE := $(HOME)/.ansible/test/cache
+CONTROLLER_PYTHON = $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+ANSIBLE_TEST = cd $(COLLECTION) && PATH=$(CURDIR)/$(PY_LINKS):$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/ansible-test
+
+ansible-test-setup: venv
+	@mkdir -p $(PY_LINKS) $(ANSIBLE_TEST_CACHE)
+	@root=$${PYENV_ROOT:-$$HOME/.pyenv}; \
+	for v in $(TARGET_PYTHONS); do \
+	  py=$$(ls -d $$root/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -1); \
+	  if [ -z "$$py" ] && command -v pyenv >/dev/null; then \
+	    echo "Installing Python $$v with pyenv"; pyenv install -s $$v && \
+	    py=$$(ls -d $$root/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -1); \
+	  fi; \
+	  [ -n "$$py" ] || { [ -x /usr/bin/python$$v ] && py=/usr/bin/python$$v; }; \
+	  [ -n "$$py" ] || { echo "No Python $$v (pyenv install $$v): ansible-test needs it" >&2; exit 1; }; \
+	  ln -sfn "$$py" $(PY_LINKS)/python$$v; \
+	done
+	@for v in 20_3_4 21_3_1 23_1_2; do \
+	  cmp -s tests/ansible_test/get_pip.py $(ANSIBLE_TEST_CACHE)/get_pip_$$v.py || \
+	    cp tests/ansible_test/get_pip.py $(ANSIBLE_TEST_CACHE)/get_pip_$$v.py; \
+	done
+
+## Every sanity test once; compile and import on each of the three Pythons.
+sanity: ansible-test-setup
+	$(ANSIBLE_TEST) sanity --requirements --target-python 2.7 --target-python 3.6 \
+	  --target-python $(CONTROLLER_PYTHON)
+
+## The modules' pure parts (tests/unit of the collection) on the same three, in venvs.
+units: ansible-test-setup
+	$(ANSIBLE_TEST) units --requirements --target-python venv/2.7 --target-python venv/3.6 \
+	  --target-python venv/$(CONTROLLER_PYTHON)
+
+lint: venv sanity
+	$(BIN)/ruff check dispatcher tests bench collections
 	$(BIN)/yamllint -s .
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint -q playbooks roles
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint -q playbooks collections/ansible_collections/athome/voip/roles
 
 ## The committed inventories, as CI sees them (a deployment runs
 ## `athome --config /etc/athome/athome.yml check`, which also checks secrets).
@@ -55,11 +99,11 @@ check: venv
 	$(BIN)/athome check --inventory inventory/production
 	$(BIN)/athome check --inventory inventory/demo
 
-test: system-deps venv lint check
+test: system-deps venv lint check units
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: system-deps venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .make $(COLLECTION)/tests/output

@@ -4,7 +4,7 @@
     python -m bench.recordings --cold          # also a 1M dated tree on disk with drop_caches (root)
     python -m bench.recordings --keys 20000    # a faster S3 run (the default is the issue's 100,000)
 
-Local: the role's own selection code (module_utils/athome_recordings.py) over a generated tree of
+Local: the collection's own selection code (plugins/module_utils/recordings.py) over a generated tree of
 --files recordings (365 days, 100 extensions, directions in/out/external/q), 2 extensions over 1
 day and over 30 days, beside `find -name` over the same tree (plus a date filter on its output).
 The trees go on a dedicated tmpfs when root (recipe 08), else under --base.
@@ -35,7 +35,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODULE_UTILS = REPO / "roles" / "recordings" / "module_utils"
+MODULE_UTILS = REPO / "collections" / "ansible_collections" / "athome" / "voip" / "plugins" / "module_utils"
 EXTS = ["1121", "1122"]
 DIRECTIONS = ("in", "out", "external", "q")
 FIRST_DAY = date(2025, 1, 1)
@@ -46,7 +46,7 @@ WINDOWS_LOCAL = {
 
 
 def load_helpers():
-    spec = importlib.util.spec_from_file_location("athome_recordings", MODULE_UTILS / "athome_recordings.py")
+    spec = importlib.util.spec_from_file_location("athome_recordings", MODULE_UTILS / "recordings.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -278,7 +278,7 @@ def bench_s3(base: Path, keys: int, days: int) -> None:
 ZIP_CHILD = r"""
 import sys, zipfile
 sys.path.insert(0, sys.argv[1])
-import athome_recordings as h
+import recordings as h
 m = h.NameMatcher(["1121"], h.Window("2025-11-04 00:00", "2025-11-04 23:59"))
 sel = h.select_local(sys.argv[2], m, "dated")
 h.write_local_zip(sel, sys.argv[3], "stored", "bench")

@@ -370,7 +370,7 @@ def parse_window(
 
 
 # Addresses that are never a remote caller to unban (same rule as the playbook's own
-# check, roles/fail2ban_whitelist/filter_plugins): IPv4-mapped IPv6 counts as IPv4.
+# check, the athome.voip collection's plugins/filter/fail2ban_whitelist.py): IPv4-mapped IPv6 counts as IPv4.
 _SPECIAL_IP = (
     ("is_unspecified", "não especificado"),
     ("is_loopback", "loopback"),

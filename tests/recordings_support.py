@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-ROLE = REPO / "roles" / "recordings"
-MODULE_UTILS = ROLE / "module_utils"
+from tests.collection_paths import MODULE_UTILS, MODULES
 
 DIRECTIONS = ("in", "out", "external", "q", "internal")
 # 112 is a substring of 1121, 1121 of 11210; phone numbers below contain them too.
@@ -28,19 +26,19 @@ SUFFIXES = ("wav", "wav", "wav", "mp3", "gsm")
 
 
 def helpers():
-    """The role's module_utils/athome_recordings.py, imported straight from the role."""
-    spec = importlib.util.spec_from_file_location("athome_recordings", MODULE_UTILS / "athome_recordings.py")
+    """The collection's plugins/module_utils/recordings.py, imported straight from its file."""
+    spec = importlib.util.spec_from_file_location("athome_recordings", MODULE_UTILS / "recordings.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def s3_module(helpers_module=None):
-    """The role's recordings_s3_select module, imported with its module_utils import satisfied."""
-    sys.modules["ansible.module_utils.athome_recordings"] = helpers_module or helpers()
-    spec = importlib.util.spec_from_file_location(
-        "recordings_s3_select", ROLE / "library" / "recordings_s3_select.py"
+    """The collection's recordings_s3_select module, imported with its module_utils import satisfied."""
+    sys.modules["ansible_collections.athome.voip.plugins.module_utils.recordings"] = (
+        helpers_module or helpers()
     )
+    spec = importlib.util.spec_from_file_location("recordings_s3_select", MODULES / "recordings_s3_select.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,6 +1,6 @@
 """Ops run the same playbooks by hand: `ansible-playbook playbooks/X.yml` from the repository root.
 
-No dispatcher here: the repository's ansible.cfg (roles path, pipelining) and
+No dispatcher here: the repository's ansible.cfg (collections path, pipelining) and
 the command line ops would type, against real fail2ban servers over SSH.
 """
 

@@ -1,7 +1,7 @@
 """Unit tests of the endpoint_mac module's pure helpers, on the realistic fixtures.
 
-The module file is imported by path (it lives in the role's library/, not in a
-package). File-level helpers (atomic write, backups) run on real files here.
+The module file is imported by path (plugins/modules of the athome.voip collection).
+File-level helpers (atomic write, backups) run on real files here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.collection_paths import MODULES
+
 REPO = Path(__file__).resolve().parent.parent
-MODULE_PATH = REPO / "roles" / "endpoint_mac" / "library" / "endpoint_mac.py"
+MODULE_PATH = MODULES / "endpoint_mac.py"
 FIXTURES = REPO / "tests" / "fixtures" / "endpoints"
 
 
@@ -136,9 +138,11 @@ def test_replace_changes_only_the_two_values():
     assert plan["mac_new"] == "010203040599"
     files = plan["files"]
     assert files["endpoints_def"]["text"] == expected_after(
-        DEF, "'serialnumber': '010203040506'", "'serialnumber': '010203040599'")
+        DEF, "'serialnumber': '010203040506'", "'serialnumber': '010203040599'"
+    )
     assert files["endpoints_sip"]["text"] == expected_after(
-        SIP, "3010;MAC:010203040506;", "3010;MAC:010203040599;")
+        SIP, "3010;MAC:010203040506;", "3010;MAC:010203040599;"
+    )
     assert files["endpoints_def"]["before"] == "'serialnumber': '010203040506',"
     assert files["endpoints_def"]["after"] == "'serialnumber': '010203040599',"
     assert files["endpoints_sip"]["after"].startswith("3010;MAC:010203040599;MODEL:")
@@ -159,12 +163,15 @@ def test_add_warns_about_other_extensions_without_mac():
     assert plan["operation"] == "add" and plan["changed"]
     assert plan["warnings"] == ["other extensions also have no MAC: 2010"]
     assert plan["files"]["endpoints_sip"]["text"] == expected_after(
-        SIP, "3010;MAC:010203040506;", "3010;MAC:010203040588;")
+        SIP, "3010;MAC:010203040506;", "3010;MAC:010203040588;"
+    )
 
 
 def test_target_state_already_there_is_not_a_change():
-    texts = {k: v["text"] for k, v in em.plan_change(TEXTS, "3010", "010203040506", "010203040599")[
-        "files"].items()}
+    texts = {
+        k: v["text"]
+        for k, v in em.plan_change(TEXTS, "3010", "010203040506", "010203040599")["files"].items()
+    }
     again = em.plan_change(texts, "3010", "010203040506", "010203040599")
     assert again["changed"] is False
     assert again["files"]["endpoints_def"]["text"] == texts["endpoints_def"]
@@ -179,17 +186,30 @@ def test_lower_case_mac_in_a_file_matches_the_request():
 @pytest.mark.parametrize(
     "ext, current, new, message, reason",
     [
-        ("3010", "010203040507", "010203040599",
-         "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds MAC "
-         "010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.", "mismatch"),
-        ("9999", "010203040506", "",
-         "extension 9999 is in neither file: __ENDPOINTS__.DEF holds no such extension; "
-         "endpoints_sip.def holds no such extension. Nothing was written.", "not_found"),
-        ("3010", "", "010203040588",
-         "extension 3010 does not hold MAC '' (empty) in both files", "mismatch"),
-        ("3010", "010203040506", "805EC09B49F3",
-         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def).",
-         "mac_in_use"),
+        (
+            "3010",
+            "010203040507",
+            "010203040599",
+            "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds MAC "
+            "010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.",
+            "mismatch",
+        ),
+        (
+            "9999",
+            "010203040506",
+            "",
+            "extension 9999 is in neither file: __ENDPOINTS__.DEF holds no such extension; "
+            "endpoints_sip.def holds no such extension. Nothing was written.",
+            "not_found",
+        ),
+        ("3010", "", "010203040588", "extension 3010 does not hold MAC '' (empty) in both files", "mismatch"),
+        (
+            "3010",
+            "010203040506",
+            "805EC09B49F3",
+            "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def).",
+            "mac_in_use",
+        ),
         ("3010", "", "", "both empty", "invalid"),
         ("3010", "010203040506", "01:02:03:04:05:06", "are the same", "invalid"),
         ("30a0", "010203040506", "", "digits only", "invalid"),
@@ -228,8 +248,10 @@ def test_every_reason_the_module_documents_has_a_portuguese_sentence_in_the_repl
 
 def test_files_that_disagree_are_described_each():
     texts = dict(TEXTS, endpoints_sip=SIP.replace("3010;MAC:010203040506;", "3010;MAC:None;"))
-    with pytest.raises(em.MacChangeError, match=(
-            r"__ENDPOINTS__.DEF holds MAC 010203040506; endpoints_sip.def holds no MAC \(None\)")) as err:
+    with pytest.raises(
+        em.MacChangeError,
+        match=(r"__ENDPOINTS__.DEF holds MAC 010203040506; endpoints_sip.def holds no MAC \(None\)"),
+    ) as err:
         em.plan_change(texts, "3010", "010203040506", "010203040599")
     assert err.value.reason == "mismatch"
 
@@ -266,8 +288,8 @@ def test_every_fixture_extension_changes_in_place(rec):
         before, after = TEXTS[key], plan["files"][key]["text"]
         (target,) = [r for r in records(key) if r.ext == rec.ext]
         assert after[: target.start] == before[: target.start]
-        assert after[target.start: target.start + 12] == "FEDCBA987654"
-        assert after[target.start + 12:] == before[target.end:]
+        assert after[target.start : target.start + 12] == "FEDCBA987654"
+        assert after[target.start + 12 :] == before[target.end :]
 
 
 # --------------------------------------------------------------------- backups
@@ -311,7 +333,8 @@ def test_make_and_prune_backups_on_real_files(tmp_path):
     removed = em.prune_backups(str(a), "", 1)
     assert removed == [first[0]]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("__")) == sorted(
-        [a.name, Path(second[0]).name])
+        [a.name, Path(second[0]).name]
+    )
 
 
 # ----------------------------------------------------------------- atomic write

@@ -1,4 +1,4 @@
-"""Pure helpers of roles/recordings (module_utils/athome_recordings.py), tested directly.
+"""Pure helpers of the recordings modules (athome.voip plugins/module_utils/recordings.py), tested directly.
 
 The same file is imported by the modules on the recordings host (Python 2.7,
 3.6, 3.11) and on the controller; the last tests run it under 2.7 and 3.6.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import zipfile
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -18,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import recordings_support as rs
-from tests.servers import pyenv_python
 
 H = rs.helpers()
 
@@ -312,45 +310,6 @@ def test_write_exclusive_never_overwrites_and_leaves_no_temporary(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r1.json"]
 
 
-# ------------------------------------------------------------- old interpreters
-
-OLD_PYTHON_SCRIPT = r"""
-import json, sys, zipfile
-import athome_recordings as h
-root, layout, dest = sys.argv[1], sys.argv[2], sys.argv[3]
-zipfile.ZIP64_LIMIT = 64
-m = h.NameMatcher(["112", "1121"], h.Window("2024-12-31 22:00", "2025-01-01 02:00"))
-sel = h.select_local(root, m, layout)
-h.write_local_zip(sel, dest, "stored", "c")
-doc = h.legacy_request(["1121"], "2025-09-29 00:00", "2025-10-27 23:59", "u@example.com", "r1", "t")
-print(json.dumps({"paths": [i["path"] for i in sel.items], "legacy": h.legacy_json(doc),
-                  "per": dict(sel.per_extension(["112", "1121"]))}))
-"""
-
-
-@pytest.mark.parametrize(("version", "layout"), [("2.7", "flat"), ("3.6", "dated")])
-def test_helpers_run_unchanged_on_old_target_pythons(trees, tmp_path, version, layout):
-    dest = tmp_path / "old.zip"
-    out = subprocess.run(
-        [pyenv_python(version), "-c", OLD_PYTHON_SCRIPT, str(trees / layout), layout, str(dest)],
-        env=dict(os.environ, PYTHONPATH=str(rs.MODULE_UTILS)),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    got = json.loads(out)
-    want = rs.expected(CALLS, ["112", "1121"], "2024-12-31 22:00", "2025-01-01 02:00")
-    assert got["paths"] == [c.relpath(layout) for c in want]
-    assert json.loads(got["legacy"])["parameters"]["inicio"] == "29/09/2025 00:00"
-    assert got["legacy"] == H.legacy_json(
-        H.legacy_request(["1121"], "2025-09-29 00:00", "2025-10-27 23:59", "u@example.com", "r1", "t")
-    )
-    with zipfile.ZipFile(dest) as zf:  # a ZIP64 archive made by the old interpreter reads back
-        assert zf.testzip() is None
-        assert [zf.read(n) for n in zf.namelist()] == [c.body() for c in want]
-    assert b"PK\x06\x06" in dest.read_bytes()
-
-
 def test_a_symlink_named_like_a_recording_is_never_followed(tmp_path):
     day = tmp_path / "tree" / "2025" / "11" / "04"
     day.mkdir(parents=True)
@@ -361,3 +320,8 @@ def test_a_symlink_named_like_a_recording_is_never_followed(tmp_path):
     (day / "in-1121-5511999990000-20251104-120500-1730721900.2.wav").symlink_to(secret)
     sel = H.select_local(str(tmp_path / "tree"), matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59"))
     assert [i["path"] for i in sel.items] == ["2025/11/04/" + real.name]
+
+
+# ------------------------------------------------------------- old interpreters
+# The same helpers on Python 2.7 and 3.6: the collection's tests/unit/plugins/module_utils/
+# test_recordings.py, run by `ansible-test units` (make units) on 2.7, 3.6 and this Python.

@@ -1,0 +1,487 @@
+# -*- coding: utf-8 -*-
+"""Pure helpers shared by the recordings modules (local tree and S3).
+
+Runs unchanged on Python 2.7 (CentOS 7 recordings host), 3.6 and 3.11: no
+f-strings, no annotations, only os.listdir / os.stat. Nothing here
+imports Ansible or boto3, so tests import this file directly.
+
+Vocabulary: an *extension* (ramal) is a PBX extension such as ``1121``; the
+file's own suffix (``wav``) is called *suffix* to keep the two apart.
+
+Window: ``start`` and ``end`` are ``YYYY-MM-DD HH:MM`` in the server's local
+time, both inclusive at minute resolution: a call that starts at any second of
+the ``end`` minute is inside, a call one second before ``start`` is not.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import zipfile
+from collections import OrderedDict
+from datetime import datetime, timedelta
+
+__metaclass__ = type
+
+# FreePBX / Asterisk MixMonitor naming:
+#   <direction>-<dst>-<src>-YYYYMMDD-HHMMSS-<uniqueid>.<suffix>
+# e.g. in-1121-5511999990000-20251104-120304-1730732584.123.wav
+DEFAULT_PATTERN = (
+    r"^(?P<direction>[a-z]+)-(?P<dst>[^-]*)-(?P<src>[^-]*)-"
+    r"(?P<date>\d{8})-(?P<time>\d{6})-(?P<uniqueid>[^-]+)\.(?P<suffix>[A-Za-z0-9]+)$"
+)
+
+# Which named field of the pattern holds the extension, per direction. An
+# incoming call (in), an outgoing external leg (external) and a queue call (q)
+# name the extension as dst; an outgoing call (out) names it as src. Any other
+# direction (internal, rg, ondemand...) matches either field. A field matches
+# only when it equals the extension: never a substring of a phone number.
+DEFAULT_EXTENSION_FIELDS = {
+    "in": ["dst"],
+    "out": ["src"],
+    "external": ["dst"],
+    "q": ["dst"],
+    "*": ["dst", "src"],
+}
+
+DEFAULT_SUFFIXES = ["wav", "WAV", "mp3", "gsm", "ogg"]
+DEFAULT_DIR_FORMAT = "%Y/%m/%d"
+
+MOMENT_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2})$")
+EXTENSION_RE = re.compile(r"^[0-9]{2,10}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+EMAIL_RE = re.compile(r"^[^@\s\"',;<>]+@[^@\s\"',;<>]+\.[^@\s\"',;<>]+$")
+
+COMPRESSIONS = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED}
+CHUNK = 1024 * 1024
+
+
+def selection_argument_spec():
+    """The options recordings_select and recordings_s3_select share, documented once in
+    the doc fragment athome.voip.recordings (a fresh dict each call: modules add their own)."""
+    return dict(
+        layout=dict(type="str", choices=["dated", "flat"], default="dated"),
+        dir_format=dict(type="str", default=DEFAULT_DIR_FORMAT),
+        extensions=dict(type="list", elements="str", required=True),
+        start=dict(type="str", required=True),
+        end=dict(type="str", required=True),
+        request_id=dict(type="str", required=True),
+        name_pattern=dict(type="str", default=""),
+        extension_fields=dict(type="dict", default=dict((k, list(v)) for k, v in DEFAULT_EXTENSION_FIELDS.items())),
+        suffixes=dict(type="list", elements="str", default=list(DEFAULT_SUFFIXES)),
+        max_files=dict(type="int", default=2000),
+        max_bytes=dict(type="int", default=2147483648),
+        max_days=dict(type="int", default=92),
+        files_cap=dict(type="int", default=200),
+        compression=dict(type="str", choices=sorted(COMPRESSIONS), default="stored"),
+    )
+
+
+class RecordingsError(Exception):
+    """A request the helpers refuse, with a message meant for the requester."""
+
+
+# --------------------------------------------------------------------- criteria
+
+
+def parse_moment(text, what="time"):
+    """'YYYY-MM-DD HH:MM' -> datetime, or RecordingsError."""
+    m = MOMENT_RE.match(text or "")
+    if not m:
+        raise RecordingsError("%s %r is not 'YYYY-MM-DD HH:MM'" % (what, text))
+    try:
+        return datetime(*[int(g) for g in m.groups()])
+    except ValueError as exc:
+        raise RecordingsError("%s %r is not a valid date: %s" % (what, text, exc))
+
+
+class Window(object):
+    """An inclusive call-start window at minute resolution."""
+
+    def __init__(self, start_text, end_text, max_days=None):
+        self.start = parse_moment(start_text, "start")
+        self.end = parse_moment(end_text, "end")
+        if self.end < self.start:
+            raise RecordingsError("end %s is before start %s" % (end_text, start_text))
+        if max_days and len(self.days()) > int(max_days):
+            raise RecordingsError(
+                "the window covers %d days, more than the %d allowed: ask for a narrower window"
+                % (len(self.days()), int(max_days))
+            )
+        # Compared as strings: 'YYYYMMDDHHMMSS' sorts like the time it names.
+        self.low = self.start.strftime("%Y%m%d%H%M") + "00"
+        self.high = self.end.strftime("%Y%m%d%H%M") + "59"
+
+    def contains(self, stamp):
+        return self.low <= stamp <= self.high
+
+    def days(self):
+        """Every calendar day the window touches, in order."""
+        first, last = self.start.date(), self.end.date()
+        return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+    def day_dirs(self, dir_format=DEFAULT_DIR_FORMAT):
+        return day_dirs(self.days(), dir_format)
+
+
+def day_dirs(days, dir_format=DEFAULT_DIR_FORMAT):
+    """Relative day folders ('2025/11/04') for the given dates."""
+    return [format_day(d, dir_format) for d in days]
+
+
+def format_day(day, dir_format=DEFAULT_DIR_FORMAT):
+    # strftime on date works on 2.7 for years >= 1900; build it by hand to
+    # stay independent of the locale.
+    return (
+        dir_format.replace("%Y", "%04d" % day.year)
+        .replace("%m", "%02d" % day.month)
+        .replace("%d", "%02d" % day.day)
+        .strip("/")
+    )
+
+
+def normalize_extensions(values):
+    """A list of digit strings, de-duplicated in order; RecordingsError otherwise."""
+    if isinstance(values, (str, bytes)) or not values:
+        raise RecordingsError("extensions must be a non-empty list of digit strings")
+    out = []
+    for value in values:
+        text = str(value).strip()
+        if not EXTENSION_RE.match(text):
+            raise RecordingsError("extension %r is not 2 to 10 digits" % (value,))
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def check_request_id(request_id):
+    if not REQUEST_ID_RE.match(request_id or ""):
+        raise RecordingsError(
+            "request_id %r must be 1-64 characters of letters, digits, '_', '.', '-'" % (request_id,)
+        )
+    return request_id
+
+
+# ------------------------------------------------------------------------ names
+
+
+class NameMatcher(object):
+    """Decides whether one file name is a selected recording.
+
+    pattern: a regex with named groups ``date`` (YYYYMMDD) and ``time``
+    (HHMMSS), the fields named in ``extension_fields`` (default ``dst`` and
+    ``src``), and optionally ``direction`` and ``suffix``.
+    """
+
+    def __init__(self, extensions, window, pattern=None, extension_fields=None, suffixes=tuple(DEFAULT_SUFFIXES)):
+        self.extensions = normalize_extensions(extensions)
+        self.wanted = set(self.extensions)
+        self.window = window
+        self.regex = re.compile(pattern or DEFAULT_PATTERN)
+        self.fields = dict(extension_fields or DEFAULT_EXTENSION_FIELDS)
+        if "*" not in self.fields:
+            self.fields["*"] = ["dst", "src"]
+        groups = set(self.regex.groupindex)
+        missing = set(["date", "time"]) - groups
+        for names in self.fields.values():
+            missing |= set(names) - groups
+        if missing:
+            raise RecordingsError(
+                "the name pattern lacks the named group(s): %s" % ", ".join(sorted(missing))
+            )
+        self.suffixes = set(suffixes) if suffixes else None
+        self.prefilter = re.compile("|".join(re.escape(e) for e in self.extensions)).search
+
+    def parse(self, name):
+        """The pattern's fields as a dict, or None when the name does not fit."""
+        m = self.regex.match(name)
+        return m.groupdict() if m else None
+
+    def match(self, name):
+        """(stamp, [matched extensions], suffix) for a selected name, else None."""
+        # Cheap pre-filter: a selected name contains one of the extensions
+        # verbatim. Most names of a large tree stop here, before the full regex.
+        if self.prefilter(name) is None:
+            return None
+        fields = self.parse(name)
+        if fields is None:
+            return None
+        stamp = fields["date"] + fields["time"]
+        if not self.window.contains(stamp):
+            return None
+        suffix = fields.get("suffix") or ""
+        if self.suffixes is not None and suffix not in self.suffixes:
+            return None
+        direction = fields.get("direction")
+        names = self.fields.get(direction) or self.fields["*"]
+        matched = []
+        for field in names:
+            value = fields.get(field)
+            if value in self.wanted and value not in matched:
+                matched.append(value)
+        if not matched:
+            return None
+        return stamp, matched, suffix
+
+
+# -------------------------------------------------------------------- selection
+
+
+class Selection(object):
+    """What a scan found: items (dicts) plus counters."""
+
+    def __init__(self):
+        self.items = []
+        self.scanned = 0
+        self.dirs_listed = 0
+        self.list_calls = 0
+
+    def add(self, path, name, size, stamp, matched, suffix, mtime=None, source=None):
+        self.items.append(
+            {
+                "path": path,
+                "name": name,
+                "size": int(size),
+                "stamp": stamp,
+                "extensions": matched,
+                "suffix": suffix,
+                "mtime": mtime,
+                "source": source,
+            }
+        )
+
+    def sort(self):
+        self.items.sort(key=lambda i: (i["stamp"], i["path"]))
+
+    @property
+    def selected(self):
+        return len(self.items)
+
+    @property
+    def bytes(self):
+        return sum(i["size"] for i in self.items)
+
+    def per_extension(self, extensions):
+        counts = OrderedDict((e, 0) for e in extensions)
+        for item in self.items:
+            for ext in item["extensions"]:
+                counts[ext] = counts.get(ext, 0) + 1
+        return counts
+
+    def per_extension_bytes(self, extensions):
+        sizes = OrderedDict((e, 0) for e in extensions)
+        for item in self.items:
+            for ext in item["extensions"]:
+                sizes[ext] = sizes.get(ext, 0) + item["size"]
+        return sizes
+
+    def digest(self):
+        """A fingerprint of the selection (paths and sizes) to recognise a ZIP already made."""
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(("%s\0%d\n" % (item["path"], item["size"])).encode("utf-8"))
+        return h.hexdigest()
+
+    def over_limits(self, max_files, max_bytes):
+        """A message when the selection exceeds a limit, else None."""
+        reasons = []
+        if max_files and self.selected > int(max_files):
+            reasons.append("%d files (limit %d)" % (self.selected, int(max_files)))
+        if max_bytes and self.bytes > int(max_bytes):
+            reasons.append("%s (limit %s)" % (human_bytes(self.bytes), human_bytes(int(max_bytes))))
+        if not reasons:
+            return None
+        return "too many recordings for one link: %s; ask for a narrower window or fewer extensions" % (
+            " and ".join(reasons)
+        )
+
+
+def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT):
+    """Scan a local tree; in a dated tree only the day folders of the window.
+
+    os.listdir (names only) is the cheapest listing on 2.7 and 3.x alike;
+    only the names that match are stat()ed.
+    """
+    if layout not in ("dated", "flat"):
+        raise RecordingsError("layout must be 'dated' or 'flat', not %r" % (layout,))
+    if not os.path.isdir(root):
+        raise RecordingsError("recordings root %s is not a folder" % root)
+    sel = Selection()
+    folders = matcher.window.day_dirs(dir_format) if layout == "dated" else [""]
+    match, prefilter = matcher.match, matcher.prefilter
+    for rel_dir in folders:
+        folder = os.path.join(root, rel_dir) if rel_dir else root
+        sel.dirs_listed += 1
+        try:
+            entries = os.listdir(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no calls that day
+                continue
+            raise
+        sel.scanned += len(entries)
+        for name in entries:
+            if prefilter(name) is None:  # inlined: most names of a large tree stop here
+                continue
+            hit = match(name)
+            if hit is None:
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.lstat(full)  # a symlink is never followed: the tree is web-served
+            except OSError:
+                continue  # removed while we looked
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = rel_dir + "/" + name if rel_dir else name
+            sel.add(rel, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime, source=full)
+    sel.sort()
+    return sel
+
+
+# -------------------------------------------------------------------------- zip
+
+
+def zip_date_time(stamp):
+    """ZipInfo.date_time from 'YYYYMMDDHHMMSS' (ZIP cannot hold years before 1980)."""
+    parts = (stamp[0:4], stamp[4:6], stamp[6:8], stamp[8:10], stamp[10:12], stamp[12:14])
+    values = tuple(int(p) for p in parts)
+    return values if values[0] >= 1980 else (1980, 1, 1, 0, 0, 0)
+
+
+def write_local_zip(selection, dest, compression="stored", comment=None):
+    """Stream the selected local files into a ZIP at dest (ZIP64 when needed).
+
+    zipfile copies each file in small chunks, so memory stays flat whatever
+    the sizes; allowZip64 must be explicit on Python 2.7.
+    """
+    method = COMPRESSIONS[compression]
+    zf = zipfile.ZipFile(dest, "w", method, True)
+    try:
+        for item in selection.items:
+            zf.write(item["source"], item["path"])
+        if comment:
+            zf.comment = comment.encode("ascii")
+    finally:
+        zf.close()
+
+
+def zip_comment(path):
+    """The comment of an existing ZIP as text, or None when unreadable."""
+    try:
+        zf = zipfile.ZipFile(path)
+        try:
+            return zf.comment.decode("ascii", "replace")
+        finally:
+            zf.close()
+    except (IOError, OSError, zipfile.BadZipfile):
+        return None
+
+
+# ----------------------------------------------------------------------- legacy
+
+
+def legacy_moment(moment):
+    """'YYYY-MM-DD HH:MM' -> the legacy 'DD/MM/YYYY HH:MM'."""
+    return parse_moment(moment).strftime("%d/%m/%Y %H:%M")
+
+
+def legacy_request(extensions, start, end, requester, request_id, received):
+    """The legacy queue's JSON document, keys in the legacy order (DOMAIN.md)."""
+    if not EMAIL_RE.match(requester or ""):
+        raise RecordingsError("requester %r is not an email address" % (requester,))
+    check_request_id(request_id)
+    Window(start, end)
+    params = OrderedDict()
+    params["ramais"] = ",".join(normalize_extensions(extensions))
+    params["inicio"] = legacy_moment(start)
+    params["fim"] = legacy_moment(end)
+    params["email"] = requester
+    doc = OrderedDict()
+    doc["parameters"] = params
+    doc["request_id"] = request_id
+    doc["timestamp_received"] = received
+    doc["from_email"] = requester
+    doc["status"] = "pending"
+    doc["retries"] = 0
+    return doc
+
+
+def legacy_json(doc):
+    text = json.dumps(doc, indent=2, ensure_ascii=False, separators=(",", ": "))
+    if not isinstance(text, type(u"")):
+        text = text.decode("utf-8")
+    return text + u"\n"
+
+
+def same_legacy_request(existing_text, doc):
+    """True when a queued file holds the same request (its receipt time aside)."""
+    try:
+        old = json.loads(existing_text)
+    except ValueError:
+        return False
+    keys = ("parameters", "request_id", "from_email")
+    return all(old.get(k) == json.loads(json.dumps(doc)).get(k) for k in keys)
+
+
+def write_exclusive(folder, name, text):
+    """Write folder/name atomically and never over an existing file.
+
+    The text goes to a hidden temporary name (not *.json, so a legacy worker
+    scanning the folder never sees half a file), is flushed and fsynced, then
+    hard-linked to its final name (fails if the name exists) and the
+    temporary name removed; the folder is fsynced last.
+    """
+    tmp = os.path.join(folder, ".%s.%d.tmp" % (name, os.getpid()))
+    final = os.path.join(folder, name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with io.open(fd, "w", encoding="utf-8", closefd=True) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return final
+
+
+# ------------------------------------------------------------------------ misc
+
+
+def human_bytes(n):
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024
+    return "%d B" % n
+
+
+def criteria(extensions, start, end, layout):
+    return {"extensions": list(extensions), "start": start, "end": end, "layout": layout}
+
+
+def summary(selection, extensions, files_cap):
+    """The counters every module returns."""
+    names = [i["path"] for i in selection.items]
+    cap = int(files_cap) if files_cap is not None else len(names)
+    return {
+        "scanned": selection.scanned,
+        "selected": selection.selected,
+        "bytes": selection.bytes,
+        "per_extension": dict(selection.per_extension(extensions)),
+        "per_extension_bytes": dict(selection.per_extension_bytes(extensions)),
+        "files": names[:cap],
+        "files_capped": len(names) > cap,
+    }
