@@ -58,20 +58,11 @@ def cmd_check(args) -> int:
         except ConfigError as exc:
             problems += exc.problems
     inv_path = Path(args.inventory) if args.inventory else (cfg.inventory if cfg else None)
+    if cfg is not None and cfg.inventory_git is not None and not args.inventory and not inv_path.exists():
+        inv_path = None  # from git: nothing fetched yet (the service fetches it at start)
+        print(f"inventory: from git ({cfg.inventory_git.branch}); not fetched yet: athome inventory sync")
     if inv_path is not None:
-        try:
-            inv = inventory.load(inv_path)
-            problems += [f"inventory: {p}" for p in inv.problems()]
-            if cfg is not None:  # a deployment: placeholders must have been replaced
-                problems += [
-                    f"inventory: {h.name}: ansible_host {h.vars['ansible_host']} is a placeholder"
-                    for h in inv.hosts.values()
-                    if h.enabled and str(h.vars.get("ansible_host", "")).endswith(".invalid")
-                ]
-        except ConfigError as exc:
-            problems += [f"inventory: {p}" for p in exc.problems]
-        except Exception as exc:  # ansible's own parse errors
-            problems.append(f"inventory {inv_path}: {exc}")
+        problems += [f"inventory: {p}" for p in inventory.check(inv_path, deployment=cfg is not None)]
     for spec in commands.COMMANDS.values():
         if spec.playbook and not (runner.PLAYBOOK_DIR / spec.playbook).is_file():
             problems.append(f"command {spec.name}: playbook playbooks/{spec.playbook} is missing")
@@ -268,9 +259,45 @@ def cmd_status(args) -> int:
         f"replies unsent: {report['replies_unsent']}; quarantined: {report['quarantined']}; "
         f"senders locked out: {report['lockouts']}"
     )
+    inv = report["inventory"]
+    line = f"inventory: {inv['source']} at {inv['revision'][:12] or 'no revision'}"
+    if "last_fetch_ago" in inv:
+        line += f", fetched {_ago_text(inv['last_fetch_ago'])}"
+        if inv["last_fetch_error"]:
+            line += f" (last fetch failed: {inv['last_fetch_error']})"
+    print(line)
     if svc["last_error"]:
         print(f"last error ({_ago_text(svc['last_error_ago'])}): {svc['last_error']}")
     return code
+
+
+def cmd_inventory_sync(args) -> int:
+    """inventory.git: fetch, check and switch once (the service does it every interval).
+    Exit 0 when the branch's newest commit is in force, 1 when it was refused, 2 when the
+    repository could not be read."""
+    from dispatcher.service import Dispatcher
+
+    cfg = config.load(args.config)
+    if cfg.inventory_git is None:
+        print(f"the inventory is a directory ({cfg.inventory}), not inventory.git: nothing to fetch")
+        return 0
+    d = Dispatcher(cfg)
+    try:
+        in_force = d.git_inventory.sync()
+    except AthomeError as exc:
+        print(f"inventory: {exc}", file=sys.stderr)
+        return 2
+    state = d.git_inventory.state()
+    newest = state.get("remote_revision", "")
+    if newest and newest != in_force:
+        refused = state.get("rejected", {}).get(newest, {})
+        kept = in_force[:12] or "nothing"
+        print(f"inventory: {d.git_inventory.describe(newest)} REFUSED; {kept} stays in force")
+        for problem in refused.get("problems", []):
+            print(f"  - {problem}")
+        return 1
+    print(f"inventory: {state.get('revision_described') or in_force[:12]} in force")
+    return 0
 
 
 def _ago_text(seconds) -> str:
@@ -425,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("status", help="health: exit 0 healthy, 1 degraded, 2 down (for monitoring)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("inventory", help="the inventory from git (inventory.git)")
+    isub = c.add_subparsers(dest="action", required=True)
+    x = isub.add_parser("sync", help="fetch, check and put in force the branch's newest commit, once")
+    x.set_defaults(func=cmd_inventory_sync)
 
     c = sub.add_parser("whitelist", help="the senders allowed to send commands (as WHITELIST by email)")
     ws = c.add_subparsers(dest="action", required=True)

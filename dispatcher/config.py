@@ -25,12 +25,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from dispatcher.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dispatcher.gitinventory import GitSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECURITY = ("tls", "starttls", "plain")
@@ -74,6 +77,7 @@ class Config:
     path: Path | None = None
     state_dir: Path = Path("/var/lib/athome")
     inventory: Path = REPO_ROOT / "inventory" / "production"
+    inventory_git: GitSettings | None = None  # inventory.git: fetched, checked, then used
     transport: str = "imap"  # imap (IMAP in, SMTP out) | maildir (embedded, for the demo)
     imap: IMAPSettings = field(default_factory=IMAPSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
@@ -302,6 +306,35 @@ def load(path: str | os.PathLike | None = None) -> Config:
     return from_dict(data, base=path.resolve().parent, path=path)
 
 
+def _inventory_git(cfg: Config, section: dict[str, Any], problems: list[str]) -> None:
+    """inventory: {git: {url, branch, subdir, interval_seconds}}: jobs read the checkout
+    in force, state_dir/inventory/current[/subdir] (see dispatcher/gitinventory.py)."""
+    from dispatcher.gitinventory import GitInventory, GitSettings, url_problem
+
+    unknown = set(section) - {"git"}
+    git = section.get("git")
+    if unknown or not isinstance(git, dict):
+        problems.append("inventory: a path, or a mapping with one key, git: {url: ..., branch: ...}")
+        return
+    for key in set(git) - {"url", "branch", "subdir", "interval_seconds"}:
+        problems.append(f"inventory.git: unknown key {key!r}")
+    url = str(git.get("url") or "")
+    problem = url_problem(url)
+    if problem:
+        problems.append(f"inventory.git: {problem}")
+    subdir = str(git.get("subdir") or "").strip("/")
+    if ".." in Path(subdir).parts:
+        problems.append("inventory.git.subdir: must stay inside the repository")
+    settings = GitSettings(
+        url=url,
+        branch=str(git.get("branch") or "main"),
+        subdir=subdir,
+        interval_seconds=_number(git, "interval_seconds", 60, "inventory.git", problems),
+    )
+    cfg.inventory_git = settings
+    cfg.inventory = GitInventory(settings, cfg.state_dir / "inventory").path
+
+
 def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     problems: list[str] = []
     known = {
@@ -322,7 +355,9 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     cfg = Config(path=path)
     cfg.state_dir = _path(base, data.get("state_dir")) or cfg.state_dir
     inv = data.get("inventory")
-    if inv:
+    if isinstance(inv, dict):
+        _inventory_git(cfg, inv, problems)
+    elif inv:
         cfg.inventory = _path(REPO_ROOT, inv) if not Path(inv).is_absolute() else Path(inv)
     cfg.brand = str(data.get("brand", cfg.brand))
     cfg.timezone = str(data.get("timezone", cfg.timezone))

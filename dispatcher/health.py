@@ -99,6 +99,27 @@ def status(cfg, now: float | None = None) -> dict[str, Any]:
         "replies_unsent": len(unsent),
         "oldest_unsent_reply_age": round(now - min(j.created for j in unsent)) if unsent else None,
         "lockouts": lockouts,
+        "inventory": _inventory(cfg, now),
+    }
+
+
+def _inventory(cfg, now: float) -> dict[str, Any]:
+    """The inventory revision in force and, from git, the last fetch."""
+    from dispatcher import gitinventory
+
+    if cfg.inventory_git is None:
+        return {"source": str(cfg.inventory), "revision": gitinventory.revision(cfg.inventory)}
+    git = gitinventory.GitInventory(cfg.inventory_git, cfg.state_dir / "inventory")
+    state = git.state()
+    rejected = state.get("rejected", {})
+    return {
+        "source": f"git {cfg.inventory_git.branch}",
+        "revision": git.revision(),
+        "revision_described": state.get("revision_described", ""),
+        "last_fetch_ago": _ago(state.get("last_fetch"), now),
+        "last_fetch_error": state.get("last_fetch_error", ""),
+        "remote_revision": state.get("remote_revision", ""),
+        "remote_refused": state.get("remote_revision", "") in rejected,
     }
 
 
@@ -127,6 +148,15 @@ def verdict(report: dict[str, Any], cfg) -> tuple[int, list[str]]:
         degraded.append(f"recent error: {svc['last_error']}")
     if report["lockouts"]:
         degraded.append(f"{report['lockouts']} sender(s) locked out after bad tokens")
+    inv = report.get("inventory") or {}
+    if inv.get("source", "").startswith("git"):
+        if not inv.get("revision"):
+            down.append("no inventory revision in force (nothing fetched, or every one refused)")
+        if inv.get("remote_refused"):
+            degraded.append(f"the newest inventory commit {inv['remote_revision'][:12]} was refused")
+        fetched = inv.get("last_fetch_ago")
+        if fetched is None or fetched > cfg.degraded_after_minutes * 60:
+            degraded.append(f"the inventory has not been fetched for {_minutes(fetched)}")
     if down:
         return DOWN, down + degraded
     return (DEGRADED, degraded) if degraded else (HEALTHY, [])

@@ -140,6 +140,26 @@ def load(path: str | os.PathLike) -> Inventory:
     return Inventory(path, hosts)
 
 
+def check(path: str | os.PathLike, deployment: bool = True) -> list[str]:
+    """Everything `athome check` finds wrong with the inventory at `path` ([] when none).
+    `deployment`: a real site, where placeholder addresses (.invalid) must be replaced."""
+    problems: list[str] = []
+    try:
+        inv = load(path)
+    except ConfigError as exc:
+        return list(exc.problems)
+    except Exception as exc:  # ansible's own parse errors
+        return [f"{path}: {exc}"]
+    problems += inv.problems()
+    if deployment:
+        problems += [
+            f"{h.name}: ansible_host {h.vars['ansible_host']} is a placeholder"
+            for h in inv.hosts.values()
+            if h.enabled and str(h.vars.get("ansible_host", "")).endswith(".invalid")
+        ]
+    return problems
+
+
 class InventoryWatcher:
     """Returns the current inventory, reloading it when its files change."""
 
@@ -154,7 +174,8 @@ class InventoryWatcher:
             return self._get()
 
     def _get(self) -> Inventory:
-        sig = _files_signature(self.path) if self.path.exists() else ()
+        # The resolved path too: an inventory from git is switched by a symlink swap.
+        sig = (os.path.realpath(self.path), *_files_signature(self.path)) if self.path.exists() else ()
         if self._inv is None or sig != self._sig:
             try:
                 inv = load(self.path)

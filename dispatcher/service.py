@@ -39,7 +39,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from dispatcher import commands, decide, grammar, mailauth, runner
+from dispatcher import commands, decide, gitinventory, grammar, mailauth, runner
 from dispatcher.audit import AuditLog
 from dispatcher.auth import (
     Identity,
@@ -114,6 +114,13 @@ class Dispatcher:
         self.outbox = DirQueue(cfg.outbox_dir, OUTBOX_MAX_ATTEMPTS)
         cfg.seen_dir.mkdir(parents=True, exist_ok=True)
         self.inventory = InventoryWatcher(cfg.inventory)
+        self.git_inventory = (
+            gitinventory.GitInventory(
+                cfg.inventory_git, cfg.state_dir / "inventory", on_rejected=self._inventory_rejected
+            )
+            if cfg.inventory_git
+            else None
+        )
         self.whitelist = SenderWhitelist(cfg.senders, cfg.senders_file)
         self.key = cfg.server_key()
         self.auth_store = TokenStore(cfg.tokens_file, self.key)
@@ -739,6 +746,22 @@ class Dispatcher:
         )
         return "replied"
 
+    def _inventory_rejected(self, sha: str, described: str, problems: list[str]) -> None:
+        """A pushed inventory commit failed the checks: one mail per commit (its id)."""
+        in_force = self.git_inventory.revision() if self.git_inventory else ""
+        self._alert_admins(
+            f"inventory-{sha[:20]}",
+            f"revisão do inventário recusada: {sha[:12]}",
+            [
+                ("Commit", described),
+                ("Em uso", in_force[:12] or "nenhuma (o serviço ainda não tem inventário)"),
+                *(("Problema", p[:300]) for p in problems[:10]),
+            ],
+            "Esta revisão não será usada. Os comandos continuam com a revisão em uso. Corrija o "
+            "inventário e faça um novo push: a próxima revisão que passar nas verificações "
+            "(as mesmas de athome check) entra em uso sozinha.",
+        )
+
     def _alert_admins(self, reply_id: str, headline: str, rows: list[tuple[str, str]], advice: str) -> None:
         self._queue_reply(
             reply_id,
@@ -1095,12 +1118,23 @@ class Dispatcher:
             return
         spec = commands.spec_for(payload["command"])
         cmd = Command(payload["command"], payload["params"], payload["command_text"])
-        log.info("running %s %s (attempt %d/%d)", job.id, cmd.text, job.attempts, job.max_attempts)
+        # The inventory in force now, resolved once: an inventory from git switched meanwhile
+        # (a symlink swap) does not change what this run reads.
+        inventory_path = Path(self.cfg.inventory).resolve()
+        revision = gitinventory.revision(inventory_path)
+        log.info(
+            "running %s %s (attempt %d/%d, inventory %s)",
+            job.id,
+            cmd.text,
+            job.attempts,
+            job.max_attempts,
+            revision[:12] or "not in git",
+        )
         try:
             check = payload.get("phase") == "check"
             result = runner.run_playbook(
                 spec.playbook,
-                inventory=self.cfg.inventory,
+                inventory=inventory_path,
                 check=check,
                 diff=check,
                 extravars=spec.extravars(cmd, job.id, payload["requester"]),
@@ -1140,6 +1174,7 @@ class Dispatcher:
             "outcome": spec.outcome(cmd, result),
             "playbook": result.to_dict(),
             "attempts_spent": transient,
+            "inventory_revision": revision,
         }
         self.jobs.checkpoint(job)
         _crash_point("work-after-checkpoint")
@@ -1178,6 +1213,7 @@ class Dispatcher:
             params=payload["params"],
             outcome=outcome,
             result=playbook,
+            inventory_revision=job.result.get("inventory_revision", ""),
         )
         preferred = spec.template if spec and self.replies.has(spec.template) else "result"
         for template in dict.fromkeys((preferred, "result", "bare")):
@@ -1210,6 +1246,7 @@ class Dispatcher:
             playbook=playbook.get("playbook") or (spec.playbook if spec else ""),
             outcome=outcome,
             attempts=job.attempts,
+            inventory_revision=job.result.get("inventory_revision", ""),
             hosts={h: r.get("status") for h, r in hosts.items() if isinstance(r, dict)},
             changed=sorted(
                 h for h, r in hosts.items() if isinstance(r, dict) and r.get("status") == "changed"
@@ -1257,7 +1294,17 @@ class Dispatcher:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Intake and the workers in threads until `stop` is set (SIGTERM)."""
+        """Intake and the workers in threads until `stop` is set (SIGTERM); with an
+        inventory from git, a third thread fetches it (the first fetch before the others)."""
+        if self.git_inventory is not None:
+            try:
+                self.git_inventory.sync()
+            except AthomeError as exc:  # the last good revision (if any) serves meanwhile
+                log.error("%s", exc)
+                self.health.error("inventory", str(exc))
+            threading.Thread(
+                target=self.git_inventory.forever, args=(stop, self.health), name="inventory", daemon=True
+            ).start()
         intake = threading.Thread(target=self.intake_forever, args=(stop,), name="intake", daemon=True)
         work = threading.Thread(target=self.work_forever, args=(stop,), name="work", daemon=True)
         intake.start()
