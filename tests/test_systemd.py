@@ -11,13 +11,17 @@ this machine is not systemd): the restart after the pings stop is systemd's part
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import socketserver
 import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -288,3 +292,151 @@ def test_the_unit_is_hardened_to_an_exposure_of_at_most_2():
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["Restart"] == "on-failure", "a watchdog timeout counts as a failure"
     assert settings["WatchdogSec"] == "5min"
+
+
+# ------------------------------------------- ansible over ssh under the unit's limits
+
+# Applied by the test as root, then exec'd: what the unit's hardening does to the service,
+# rebuilt without systemd (which is not running here). Mount namespace (unshare, below):
+# ProtectSystem=strict + ReadWritePaths, ProtectHome, PrivateTmp, ProtectProc=invisible +
+# ProcSubset=pid. setpriv: NoNewPrivileges, CapabilityBoundingSet= (no capabilities).
+# Here: MemoryDenyWriteExecute (the kernel's PR_SET_MDWE), SystemCallFilter=@system-service
+# ~@privileged @resources with SystemCallErrorNumber=EPERM and SystemCallArchitectures=native
+# (libseccomp), RestrictAddressFamilies (socket() of other families refused),
+# RestrictNamespaces (unshare, setns refused).
+CONFINE = """
+import ctypes, errno, json, os, socket, sys
+import seccomp
+
+allowed, argv = json.loads(sys.argv[1]), sys.argv[2:]
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit("PR_SET_MDWE failed: %s" % os.strerror(ctypes.get_errno()))
+f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+for name in allowed:
+    if name in ("socket", "unshare", "setns", "clone3"):
+        continue
+    try:
+        f.add_rule(seccomp.ALLOW, name)
+    except (RuntimeError, ValueError):
+        pass  # not a syscall of this architecture
+for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+    f.add_rule(seccomp.ALLOW, "socket", seccomp.Arg(0, seccomp.EQ, family))
+f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc falls back to clone()
+f.load()
+os.execv(argv[0], argv)
+"""
+
+PROBE = """
+import ctypes, json, mmap, os, socket, sys
+from dispatcher import runner
+libc = ctypes.CDLL(None, use_errno=True)
+def unshare_user():
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare")
+problems = []
+for what, attempt in [
+    ("write outside the state dir", lambda: open("/usr/athome-probe", "w")),
+    ("a packet socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
+    ("a writable+executable mapping", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)),
+    ("the kernel's tunables", lambda: open("/proc/sys/kernel/hostname")),
+    ("a new user namespace", unshare_user),
+    ("the setuid call", lambda: os.setuid(os.getuid())),
+]:
+    try:
+        attempt()
+        problems.append(what)
+    except OSError:
+        pass
+result = runner.run_playbook(
+    "unban.yml", inventory=sys.argv[1], extravars={"ip": "3.3.3.3"}, private_root=sys.argv[2],
+    artifacts_dir=sys.argv[3], timeout=300,
+)
+hosts = {h: r.status for h, r in result.hosts.items()}
+print(json.dumps({"problems": problems, "status": result.status, "hosts": hosts, "errors": result.errors}))
+"""
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, check=True
+    )
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in out.stdout.splitlines():
+        word = line.strip()
+        if line.startswith("@"):
+            current = groups.setdefault(word, [])
+        elif current is not None and word and not word.startswith("#"):
+            current.append(word)
+    return groups
+
+
+def expand(groups: dict[str, list[str]], name: str) -> set[str]:
+    return set().union(*(expand(groups, n) if n.startswith("@") else {n} for n in groups[name]))
+
+
+def test_ansible_reaches_a_server_over_ssh_under_the_units_restrictions(sshd, fail2ban_factory):
+    """ssh to a loopback sshd with ControlPersist sockets, run by ansible-playbook from the
+    dispatcher's runner, inside the confinement the unit asks systemd for (see CONFINE).
+    Not reproduced: PrivateUsers= and the service user's passwd home; ssh's files are
+    named in the inventory here, as in the tests' own config."""
+    groups = syscall_groups()
+    allowed = expand(groups, "@system-service") - expand(groups, "@privileged") - expand(groups, "@resources")
+    state = Path(tempfile.mkdtemp(prefix="athome-confined-", dir="/var/tmp"))  # not under the private /tmp
+    try:
+        f2b = fail2ban_factory("gv1p")
+        f2b.ban("asterisk", "3.3.3.3")
+        ssh = state / ".ssh"
+        ssh.mkdir()
+        for key in (sshd.keys.client_key, sshd.keys.known_hosts):
+            shutil.copy(key, ssh / key.name)
+        conn = dict(sshd.ansible_vars(), ansible_python_interpreter=servers.target_python())
+        conn["ansible_ssh_private_key_file"] = str(ssh / sshd.keys.client_key.name)
+        conn["ansible_ssh_common_args"] = conn["ansible_ssh_common_args"].replace(
+            str(sshd.keys.known_hosts), str(ssh / sshd.keys.known_hosts.name)
+        )
+        inv = servers.write_inventory(
+            state / "inventory" / "hosts.yml",
+            {
+                "sip_servers": {"gv1p": {"fail2ban_whitelist_conf_dir": str(f2b.dir)}},
+                "fail2ban_servers": {"gv1p": {}},
+            },
+            conn,
+        )
+        (state / "confine.py").write_text(CONFINE)
+        (state / "run").mkdir()
+        # This machine's interpreter may live under /root (pyenv): it is mounted back, read-only,
+        # into the hidden home directories. A deployment's is /usr/bin/python3.
+        prefix = Path(sys.base_prefix).resolve()
+        hidden = [d for d in ("/home", "/root") if Path(d).is_dir()]
+        keep = any(prefix.is_relative_to(d) for d in hidden)
+        mounts = " && ".join(
+            [
+                "mount --make-rprivate /",
+                f"mount --bind {state} {state}",
+                *([f"mkdir {state}/.python", f"mount --bind {prefix} {state}/.python"] if keep else []),
+                "mount -o remount,bind,ro /",
+                *(f"mount -t tmpfs -o mode=0755 tmpfs {d}" for d in [*hidden, "/tmp"]),
+                *([f"mkdir -p {prefix}", f"mount --bind -o ro {state}/.python {prefix}"] if keep else []),
+                "mount -t proc -o hidepid=invisible,subset=pid proc /proc",
+            ]
+        )
+        confined = [
+            "setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all",
+            "/usr/bin/python3", str(state / "confine.py"), json.dumps(sorted(allowed)),
+            sys.executable, "-c", PROBE, str(inv.parent), str(state / "run"), str(state / "artifacts"),
+        ]  # fmt: skip
+        script = f"{mounts} && exec {' '.join(shlex.quote(a) for a in confined)}"
+        env = dict(os.environ, HOME=str(state), PYTHONPATH=str(REPO))
+        proc = subprocess.run(
+            ["unshare", "--mount", "--pid", "--fork", "sh", "-c", script],
+            capture_output=True, text=True, timeout=600, env=env, cwd=state,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["problems"] == [], "the confinement is real: each of these should have failed"
+        assert (report["status"], report["hosts"]["gv1p"]) == ("successful", "changed"), report
+        assert f2b.banned_jails("3.3.3.3") == [], "the server really changed"
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
