@@ -9,8 +9,10 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint unit check bench system-deps venv clean ansible-test-setup sanity units
 
 ## Debian packages for the real servers the tests start on loopback (sshd,
-## fail2ban, Dovecot) and the headless Chromium that opens every reply
-## (with a colour emoji font, so its screenshots show the marks a phone shows).
+## fail2ban, Dovecot), systemd-analyze and libseccomp's Python binding (the
+## unit's hardening: its score, and ansible run under its restrictions) and the
+## headless Chromium that opens every reply (with a colour emoji font, so its
+## screenshots show the marks a phone shows).
 ## Installed only when missing and when we are root; no daemon is started by
 ## the install (policy-rc.d), the tests start their own.
 system-deps:
@@ -20,6 +22,8 @@ system-deps:
 	command -v dovecot >/dev/null || missing="$$missing dovecot-imapd"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v chattr >/dev/null || missing="$$missing e2fsprogs"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	/usr/bin/python3 -c 'import seccomp' 2>/dev/null || missing="$$missing python3-seccomp"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing="$$missing fonts-noto-color-emoji"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

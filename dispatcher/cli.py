@@ -12,20 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-from dispatcher import __version__, commands, config, inventory, runner
+from dispatcher import __version__, commands, config, inventory, logs, runner, sdnotify
 from dispatcher.audit import AuditLog, parse_day
 from dispatcher.auth import SenderWhitelist, TokenStore
 from dispatcher.errors import AthomeError, ConfigError
 
 log = logging.getLogger("dispatcher")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
 
 
 def _dispatcher(args, *roles: str):
@@ -124,10 +116,19 @@ def cmd_work(args) -> int:
 
 
 def cmd_run(args) -> int:
+    # Before anything can start a child process: the playbooks must not inherit them.
+    notifier = sdnotify.Notifier.from_environ()
+    notifier.status("starting: settling what the last run left in the queue")
     d = _dispatcher(args, "intake", "work")
     stop = _until_signalled()
-    log.info("athome %s running: IMAP IDLE intake, work every %ss", __version__, d.cfg.poll_interval)
-    d.run_forever(stop)
+    log.info(
+        "athome %s running: IMAP IDLE intake, %d worker(s), poll every %ss%s",
+        __version__,
+        d.cfg.concurrency,
+        d.cfg.poll_interval,
+        f", systemd watchdog {notifier.watchdog_interval:g} s" if notifier.watchdog_interval else "",
+    )
+    d.run_forever(stop, notifier)
     log.info("stopped")
     return 0
 
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     # athome is started (systemd sets UMask=0077 too, a shell usually 0022).
     os.umask(0o077)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    logs.setup(args.verbose)
     try:
         return args.func(args)
     except ConfigError as exc:

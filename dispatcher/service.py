@@ -39,7 +39,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from dispatcher import commands, decide, gitinventory, grammar, mailauth, runner
+from dispatcher import commands, decide, gitinventory, grammar, logs, mailauth, runner
 from dispatcher.audit import AuditLog
 from dispatcher.auth import (
     Identity,
@@ -66,6 +66,7 @@ from dispatcher.mail import (
     build_message,
 )
 from dispatcher.replies import Replies
+from dispatcher.sdnotify import Notifier, Progress, Watchdog
 from dispatcher.throttle import Failure, Throttle
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class Dispatcher:
             confirm=frozenset(cfg.confirm),
             local_time=self.replies.local_time,
         )
+        self.progress = Progress()  # the loops' heartbeats, for systemd's watchdog (run_forever)
 
     # ------------------------------------------------------------- plumbing
 
@@ -237,24 +239,37 @@ class Dispatcher:
     def intake_forever(self, stop: threading.Event) -> None:
         """Intake until `stop`: over IMAP one session at a time, waking up in IDLE as soon
         as mail arrives (fetch, then IDLE, then fetch again: IDLE alone is never trusted);
-        elsewhere (Maildir) a pass every poll_interval. Errors reconnect after a pause."""
+        elsewhere (Maildir) a pass every poll_interval. Errors reconnect after a pause.
+
+        Every step beats `self.progress` (the systemd watchdog); waits are bounded to
+        leave time for the next beat. A loop that dies does not retire: it is stuck."""
+        beat = self.progress.beat
         while not stop.is_set():
+            beat("connecting to the mailbox")
             try:
                 with self._inbox_factory() as inbox:
                     opened = time.monotonic()
                     while not stop.is_set() and time.monotonic() - opened < SESSION_MAX:
+                        beat("reading the mailbox")
                         if self._intake_pass(inbox).get("deferred"):
                             continue  # suspect mail left for the next pass: fetch again now
+                        wait = self.progress.bounded(self.cfg.poll_interval)
+                        beat("waiting for mail", busy_for=wait)
                         if hasattr(inbox, "wait"):
-                            inbox.wait(self.cfg.poll_interval)
+                            inbox.wait(wait)
                         else:
-                            stop.wait(self.cfg.poll_interval)
+                            stop.wait(wait)
             except Exception as exc:  # a dropped connection, a server restart...
                 log.error(
                     "intake: %s: %s; reconnecting in %ss", type(exc).__name__, exc, self.cfg.poll_interval
                 )
                 self.health.error("intake", f"{type(exc).__name__}: {exc}")
-                stop.wait(self.cfg.poll_interval)
+                wait = self.progress.bounded(self.cfg.poll_interval)
+                until = time.monotonic() + self.cfg.poll_interval
+                while not stop.is_set() and time.monotonic() < until:
+                    beat("reconnecting after an error", busy_for=wait)
+                    stop.wait(min(wait, until - time.monotonic()))
+        self.progress.retire()
 
     def _intake_pass(self, inbox) -> dict[str, int]:
         """Handle the unseen messages, likely-genuine ones first: a flood of forged or
@@ -302,6 +317,7 @@ class Dispatcher:
         except Exception:
             return ""
 
+    @logs.scoped  # its lines carry the request id _intake finds for the message
     def _handle(self, inbox, msg: Incoming, counts: dict[str, int]) -> None:
         try:
             outcome = self._intake(msg)
@@ -483,6 +499,7 @@ class Dispatcher:
         if request_id is None:
             request_id = new_request_id()
             self._write_marker(marker, request_id)
+        logs.set_request_id(request_id)
         _crash_point("intake-after-marker")
         job = self.jobs.find(request_id)
         if job is not None:
@@ -1052,6 +1069,7 @@ class Dispatcher:
             log.warning("%s: its hosts are unknown (%s); it locks every host", job.id, exc)
             return frozenset(inventory.hosts) | {commands.CONTROLLER}
 
+    @logs.for_job
     def _work_on(self, job: Job) -> int:
         """Run one claimed job to its end (settled, given back or abandoned); 1 when it
         counts as run or completed."""
@@ -1130,6 +1148,8 @@ class Dispatcher:
             job.max_attempts,
             revision[:12] or "not in git",
         )
+        timeout = spec.run_timeout or self.cfg.playbook_timeout
+        self.progress.beat(f"running {job.id}", busy_for=timeout)  # progress while within its timeout
         try:
             check = payload.get("phase") == "check"
             result = runner.run_playbook(
@@ -1139,7 +1159,7 @@ class Dispatcher:
                 diff=check,
                 extravars=spec.extravars(cmd, job.id, payload["requester"]),
                 limit=spec.limit(cmd),
-                timeout=spec.run_timeout or self.cfg.playbook_timeout,
+                timeout=timeout,
                 artifacts_dir=self.cfg.artifacts_dir,
                 ident=f"{job.id}-{job.attempts}" + ("-check" if check else ""),
                 private_root=self.cfg.run_dir,
@@ -1179,6 +1199,7 @@ class Dispatcher:
         self.jobs.checkpoint(job)
         _crash_point("work-after-checkpoint")
 
+    @logs.for_job
     def _settle(self, job: Job) -> None:
         """Complete a job whose result is saved, isolated from the others: a job that cannot
         be completed is quarantined. An OSError (a full disk) is raised, the job stays in
@@ -1260,25 +1281,37 @@ class Dispatcher:
     def work_forever(self, stop: threading.Event) -> None:
         """`worker.concurrency` workers until `stop` is set; each finishes its current job.
         An idle worker waits for poll_interval, or less when a host lock is released or
-        intake queues a job."""
+        intake queues a job. Each worker beats `self.progress` (the systemd watchdog) every
+        pass and every bounded wait; a playbook is progress within its run timeout (_run)."""
+        beat = self.progress.beat
+
+        def pause(seconds: float, doing: str) -> None:
+            until = time.monotonic() + seconds
+            while not stop.is_set() and time.monotonic() < until:
+                beat(doing, busy_for=self.progress.bounded(seconds))
+                stop.wait(min(self.progress.bounded(seconds), until - time.monotonic()))
 
         def worker() -> None:
             while not stop.is_set():
+                beat("working the queue")
                 since = self.host_locks.generation
                 try:
                     self.work_once(stop=stop)
                 except (AthomeError, OSError) as exc:
                     log.error("work pass failed: %s", exc)
                     self.health.error("work", str(exc))
-                    stop.wait(self.cfg.poll_interval)  # a full disk: not before poll_interval
+                    pause(self.cfg.poll_interval, "waiting after an error")  # a full disk: not before
                     continue
                 except Exception as exc:
                     log.exception("work pass crashed; continuing")
                     self.health.error("work", f"{type(exc).__name__}: {exc}")
-                    stop.wait(self.cfg.poll_interval)
+                    pause(self.cfg.poll_interval, "waiting after an error")
                     continue
                 if not stop.is_set():
-                    self.host_locks.wait(since, self.cfg.poll_interval)
+                    wait = self.progress.bounded(self.cfg.poll_interval)
+                    beat("idle", busy_for=wait)
+                    self.host_locks.wait(since, wait)
+            self.progress.retire()
 
         workers = [
             threading.Thread(target=worker, name=f"work-{n + 1}", daemon=True)
@@ -1293,10 +1326,15 @@ class Dispatcher:
         for t in workers:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Intake and the workers in threads until `stop` is set (SIGTERM); with an
-        inventory from git, a third thread fetches it (the first fetch before the others)."""
-        if self.git_inventory is not None:
+    def run_forever(self, stop: threading.Event, notifier: Notifier | None = None) -> None:
+        """Intake and the workers in threads until `stop` is set (SIGTERM).
+
+        Under systemd (`notifier`, Type=notify): READY=1 once both loops run (the queue
+        was recovered before), STATUS= with what each loop does, STOPPING=1 on SIGTERM,
+        and WATCHDOG=1 every half watchdog interval while every loop keeps beating. With
+        an inventory from git, a third thread fetches it (not watched: a stuck fetch is
+        bounded by git's own timeout, and the revision in force keeps serving)."""
+        if self.git_inventory is not None:  # the first fetch before intake and the workers
             try:
                 self.git_inventory.sync()
             except AthomeError as exc:  # the last good revision (if any) serves meanwhile
@@ -1305,15 +1343,56 @@ class Dispatcher:
             threading.Thread(
                 target=self.git_inventory.forever, args=(stop, self.health), name="inventory", daemon=True
             ).start()
+        notifier = notifier or Notifier({})
+        self.progress.allowance = notifier.watchdog_interval
+        stopping = threading.Event()
+
+        def describe() -> str:
+            doing = self.progress.doing()
+            busy = [f"{n} {d}" for n, d in doing.items() if n.startswith("work-") and d.startswith("running")]
+            read = self.health.read().get("intake_ok")
+            ago = f"{time.time() - read:.0f} s ago" if isinstance(read, (int, float)) else "not yet"
+            return (
+                ("stopping: finishing running jobs; " if stopping.is_set() else "")
+                + f"intake {doing.get('intake') or 'stopped'}, mailbox read {ago}; "
+                + f"{len(busy)}/{self.cfg.concurrency} workers busy"
+                + (f" ({', '.join(busy)})" if busy else "")
+                + f"; queue: {self.jobs.count('pending')} pending, {self.jobs.count('waiting')} waiting"
+            )
+
+        watchdog = Watchdog(notifier, self.progress, describe)
+        slowest = max(self.cfg.imap.timeout, self.cfg.smtp.timeout)
+        if notifier.watchdog_interval and slowest >= notifier.watchdog_interval / 2:
+            log.warning(
+                "mail timeouts (%ss) are not well below half of WatchdogSec (%gs): a slow server "
+                "may get the service restarted; raise WatchdogSec",
+                slowest,
+                notifier.watchdog_interval,
+            )
         intake = threading.Thread(target=self.intake_forever, args=(stop,), name="intake", daemon=True)
         work = threading.Thread(target=self.work_forever, args=(stop,), name="work", daemon=True)
         intake.start()
         work.start()
+
+        def started(loops: set[str]) -> bool:
+            return "intake" in loops and sum(n.startswith("work-") for n in loops) >= self.cfg.concurrency
+
         with contextlib.suppress(KeyboardInterrupt):
-            while not stop.is_set():
-                stop.wait(1)
+            if self.progress.wait_started(started, stop):
+                notifier.ready(describe())
+                while not stop.is_set():
+                    watchdog.tick()
+                    stop.wait(watchdog.interval)
         stop.set()
-        # The workers finish their current jobs; intake may sit in IDLE and has nothing
-        # half-done (every step is idempotent), so it is not waited for long.
-        work.join()
+        stopping.set()
+        notifier.stopping(describe())
+        log.info("stopping: the workers finish their current jobs")
+        # The workers finish their current jobs (still watched: a job is progress within
+        # its timeout); intake may sit in IDLE and has nothing half-done (every step is
+        # idempotent), so it is not waited for long.
+        while work.is_alive():
+            work.join(timeout=watchdog.interval)
+            if work.is_alive():
+                watchdog.tick()
         intake.join(timeout=5)
+        notifier.close()

@@ -65,15 +65,18 @@ def athome(
     return proc
 
 
-def start_service(cfg: Path) -> subprocess.Popen:
-    """`athome run` as systemd would start it (secrets in its environment), output piped."""
-    env = dict(os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD)
+def start_service(cfg: Path, env: dict[str, str] | None = None, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    """`athome run` as systemd would start it (secrets in its environment, `env` added),
+    output piped (stderr with it, or where `stderr` says)."""
+    env = dict(
+        os.environ, ATHOME_TEST_IMAP_PW=IMAP_PASSWORD, ATHOME_TEST_SMTP_PW=SMTP_PASSWORD, **(env or {})
+    )
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     return subprocess.Popen(
         [sys.executable, "-m", "dispatcher.cli", "--config", str(cfg), "run"],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
     )
 
