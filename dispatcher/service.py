@@ -169,7 +169,9 @@ class Dispatcher:
         self._pruned_at = float("-inf")
         # The parallel workers: host locks and jobs in flight (one mutex), and one
         # housekeeping pass (recovery of replies, sending, pruning, waiting jobs) at a time.
-        self.host_locks = HostLocks()
+        self.host_locks = HostLocks(
+            publish=lambda locks: self.health.note(locks=locks, locks_pid=os.getpid())
+        )
         self._housekeeping = threading.Lock()
         self.audit = AuditLog(cfg.audit_dir)
         self.health = Health(cfg.state_dir / "health.json")
