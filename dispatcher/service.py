@@ -79,7 +79,6 @@ from dispatcher.throttle import Failure, Throttle
 log = logging.getLogger(__name__)
 
 OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
-OUTBOX_MAX_DELAY = 600
 OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before it is re-sent
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
