@@ -109,7 +109,7 @@ def outgoing_mail(cfg, notes: dict[str, Any], now: float) -> dict[str, Any]:
     from dispatcher.mail import DAY, HOUR, SendLedger
 
     smtp = cfg.smtp
-    usage = SendLedger(cfg.outbox_dir / "ledger.json", 0, 0)
+    usage = SendLedger(cfg.state_dir / "outbox-ledger.json", 0, 0)
     try:
         entries = usage.usage(now).entries if usage.path.exists() else ()
     except OSError:

@@ -471,7 +471,7 @@ class Usage:
 class SendLedger:
     """Recipients sent over sliding windows, for the outgoing mail limit.
 
-    `state/outbox/ledger.json`: [time, recipients, key] of every message sent in the last
+    `state/outbox-ledger.json`: [time, recipients, key] of every message sent in the last
     day, and when the admins were last told that the limit held mail back. Every thread
     and process that sends reserves a message's recipients before it goes, under an flock,
     so two senders cannot both take the last place; the file is replaced atomically

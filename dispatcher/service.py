@@ -155,7 +155,7 @@ class Dispatcher:
         self.mail_ledger = None
         if cfg.transport == "imap" and (cfg.smtp.max_recipients_per_hour or cfg.smtp.max_recipients_per_day):
             self.mail_ledger = SendLedger(
-                cfg.outbox_dir / "ledger.json",
+                cfg.state_dir / "outbox-ledger.json",
                 cfg.smtp.max_recipients_per_hour,
                 cfg.smtp.max_recipients_per_day,
                 seed=self._sent_recently,

@@ -19,7 +19,9 @@ from tests import servers
 from tests.test_end_to_end import (  # noqa: F401 - fixtures
     ADMIN,
     REQUESTER,
+    SMTP_PASSWORD,
     USER,
+    assert_no_secret,
     athome,
     command_email,
     replies,
@@ -174,6 +176,8 @@ def test_smtp_down_while_replies_are_due_loses_none_and_sends_none_twice(site, d
         assert per_command[(msgid, "ack")] == 1 and per_command[(msgid, "result")] == 1, per_command
     assert per_command[("<h@example.test>", "help")] == 1
     assert "sending waits" in output and "sending again after" in output
+    assert SMTP_PASSWORD not in output and site["token"] not in output
+    assert_no_secret(site, smtp)
     assert not outbox_records(site, "failed"), "nothing dropped"
     whitelisted = " ".join(ip for f in site["f2b"].values() for ip in f.ignore_list("sshd"))
     assert all(f"10.0.0.{n}" in whitelisted for n in (1, 2, 3)), "every command ran"
