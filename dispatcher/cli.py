@@ -267,6 +267,24 @@ def cmd_status(args) -> int:
         if inv["last_fetch_error"]:
             line += f" (last fetch failed: {inv['last_fetch_error']})"
     print(line)
+    mail = report["outgoing_mail"]
+    line = f"outgoing mail: {health.limit_text(mail)}"
+    if mail["held_replies"]:
+        line += (
+            f"; {mail['held_replies']} repl(ies) HELD by the limit for {mail['held_since_ago']} s, "
+            f"the next can go in {mail['next_send_in']} s"
+        )
+    print(line)
+    if mail["smtp_failures"]:
+        print(
+            f"smtp: {mail['smtp_failures']} failure(s) in a row for {mail['smtp_failing_since_ago']} s, "
+            f"next try in {mail['smtp_retry_in']} s: {mail['smtp_error']}"
+        )
+    locks = report["locked_hosts"]
+    if locks:
+        print("locked hosts: " + ", ".join(f"{k['host']} by {k['job']} for {k['held_for']} s" for k in locks))
+    else:
+        print("locked hosts: none")
     if svc["last_error"]:
         print(f"last error ({_ago_text(svc['last_error_ago'])}): {svc['last_error']}")
     return code

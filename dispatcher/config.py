@@ -61,6 +61,18 @@ class IMAPSettings:
     timeout: int = 60
 
 
+# Outgoing mail limits, counted in recipients (To + Cc of every message sent) over sliding
+# windows. Google applies its limits "over a rolling 24-hour period": free Gmail about 500
+# recipients a day (developer.nylas.com/docs/cookbook/email/gmail-smtp-settings: "Daily
+# limit (personal) 500 messages"); Google Workspace 2,000 messages a day, 10,000 recipients
+# in all, 100 per message sent over SMTP (support.google.com/a/answer/166852, "Gmail
+# sending limits in Google Workspace"). Past a limit Google refuses all sending "for up to
+# 24 hours", so athome stays below it: 450 a day leaves free Gmail room for a person using
+# the account, 150 an hour keeps a morning's flood from spending the whole day.
+MAX_RECIPIENTS_PER_HOUR = 150
+MAX_RECIPIENTS_PER_DAY = 450
+
+
 @dataclass
 class SMTPSettings:
     host: str = ""
@@ -70,6 +82,12 @@ class SMTPSettings:
     password: str = field(default="", repr=False)
     cafile: str = ""
     timeout: int = 60
+    max_recipients_per_hour: int = MAX_RECIPIENTS_PER_HOUR  # 0: no hourly limit
+    max_recipients_per_day: int = MAX_RECIPIENTS_PER_DAY  # 0: no daily limit
+    # After a temporary failure (server down, 4xx) sending waits retry_first_seconds, then
+    # twice as long after each further failure in a row, at most retry_max_seconds.
+    retry_first_seconds: float = 15.0
+    retry_max_seconds: float = 600.0
 
 
 @dataclass
@@ -282,6 +300,21 @@ def _number(section: dict[str, Any], key: str, default, where: str, problems: li
         return default
 
 
+def _smtp_limit_problems(smtp: SMTPSettings) -> list[str]:
+    problems = []
+    for key in ("max_recipients_per_hour", "max_recipients_per_day"):
+        if getattr(smtp, key) < 0:
+            problems.append(f"mail.smtp.{key}: must be 0 (no limit) or a positive number of recipients")
+    hour, day = smtp.max_recipients_per_hour, smtp.max_recipients_per_day
+    if hour > 0 and day > 0 and hour > day:
+        problems.append(
+            f"mail.smtp.max_recipients_per_hour ({hour}) is more than max_recipients_per_day ({day})"
+        )
+    if not 0 < smtp.retry_first_seconds <= smtp.retry_max_seconds:
+        problems.append("mail.smtp: retry_first_seconds must be positive and at most retry_max_seconds")
+    return problems
+
+
 def _path(base: Path, value: Any) -> Path | None:
     if value in (None, ""):
         return None
@@ -399,7 +432,16 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
             password=_secret(smtp, "password", "mail.smtp", problems),
             cafile=str(_path(base, smtp.get("cafile")) or ""),
             timeout=_number(smtp, "timeout", 60, "mail.smtp", problems),
+            max_recipients_per_hour=_number(
+                smtp, "max_recipients_per_hour", MAX_RECIPIENTS_PER_HOUR, "mail.smtp", problems
+            ),
+            max_recipients_per_day=_number(
+                smtp, "max_recipients_per_day", MAX_RECIPIENTS_PER_DAY, "mail.smtp", problems
+            ),
+            retry_first_seconds=_number(smtp, "retry_first_seconds", 15.0, "mail.smtp", problems, float),
+            retry_max_seconds=_number(smtp, "retry_max_seconds", 600.0, "mail.smtp", problems, float),
         )
+        problems += _smtp_limit_problems(cfg.smtp)
         for name, s in (("imap", cfg.imap), ("smtp", cfg.smtp)):
             if not s.host:
                 problems.append(f"mail.{name}.host: missing")

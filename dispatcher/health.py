@@ -1,11 +1,14 @@
 """Is the service well? What `athome status` reads, for people and for monitoring.
 
 The running service notes in `state/health.json` when each loop last completed a
-pass (intake: the mailbox was read; work: the queue was worked) and its last
-error. `status()` adds what the state directory shows: whether a process holds
-the service's locks, queue depths, the age of the oldest pending job, records
-set aside, lock-outs in force. `verdict()` turns that into 0 healthy, 1
-degraded or 2 down, the exit code of `athome status` (Nagios, Zabbix, a timer).
+pass (intake: the mailbox was read; work: the queue was worked), its last
+error, the hosts its workers hold locked (by which job, since when), whether
+the outgoing mail limit holds replies back and whether the SMTP server fails.
+`status()` adds what the state directory shows: whether a process holds the
+service's locks, queue depths, the age of the oldest pending job, records set
+aside, lock-outs in force, recipients sent in the last hour and day.
+`verdict()` turns that into 0 healthy, 1 degraded or 2 down, the exit code of
+`athome status` (Nagios, Zabbix, a timer).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 HEALTHY, DEGRADED, DOWN = 0, 1, 2
 VERDICTS = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}
+LOCK_MARGIN = 120  # seconds a host lock may outlast the longest run timeout (settling the job)
+SMTP_FAILURES_DEGRADED = 3  # SMTP failures in a row before status says so (one 451 is routine)
 
 
 class Health:
@@ -68,6 +73,69 @@ def lock_held(path: Path) -> bool:
     return False
 
 
+def _service_pid(path: Path) -> int | None:
+    """The pid the service wrote into its work.lock, if readable."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def longest_run(cfg) -> int:
+    """The longest a playbook may run (the worker's timeout or a command's own)."""
+    from dispatcher import commands
+
+    return max([cfg.playbook_timeout, *(s.run_timeout or 0 for s in commands.COMMANDS.values())])
+
+
+def locked_hosts(notes: dict[str, Any], work_running: bool, pid: int | None, now: float) -> list[dict]:
+    """The host locks the running service published; none when it is not running, and
+    none from an earlier process (a service killed with its locks held)."""
+    locks = notes.get("locks")
+    if not work_running or not isinstance(locks, dict) or (pid is not None and notes.get("locks_pid") != pid):
+        return []
+    found = []
+    for host, lock in sorted(locks.items()):
+        if isinstance(lock, dict) and isinstance(lock.get("since"), (int, float)):
+            found.append(
+                {"host": host, "job": str(lock.get("job", "")), "held_for": round(now - lock["since"])}
+            )
+    return found
+
+
+def outgoing_mail(cfg, notes: dict[str, Any], now: float) -> dict[str, Any]:
+    """Recipients sent in the last hour and day against the limits, replies the limit holds
+    back, and an SMTP server that keeps failing (from the service's notes)."""
+    from dispatcher.mail import DAY, HOUR, SendLedger
+
+    smtp = cfg.smtp
+    usage = SendLedger(cfg.state_dir / "outbox-ledger.json", 0, 0)
+    try:
+        entries = usage.usage(now).entries if usage.path.exists() else ()
+    except OSError:
+        entries = ()
+    held = notes.get("outbox_held") if isinstance(notes.get("outbox_held"), dict) else {}
+    failing = notes.get("smtp_failing") if isinstance(notes.get("smtp_failing"), dict) else {}
+    limited = cfg.transport == "imap"
+    return {
+        "limit_per_hour": smtp.max_recipients_per_hour if limited else 0,
+        "limit_per_day": smtp.max_recipients_per_day if limited else 0,
+        "sent_last_hour": sum(n for t, n in entries if t > now - HOUR),
+        "sent_last_day": sum(n for t, n in entries if t > now - DAY),
+        "held_replies": int(held.get("replies", 0) or 0),
+        "held_since_ago": _ago(held.get("since"), now),
+        "next_send_in": max(0, round(held["next_at"] - now))
+        if isinstance(held.get("next_at"), (int, float))
+        else None,
+        "smtp_failures": int(failing.get("failures", 0) or 0),
+        "smtp_failing_since_ago": _ago(failing.get("since"), now),
+        "smtp_retry_in": max(0, round(failing["retry_at"] - now))
+        if isinstance(failing.get("retry_at"), (int, float))
+        else None,
+        "smtp_error": str(failing.get("error", "")),
+    }
+
+
 def status(cfg, now: float | None = None) -> dict[str, Any]:
     from dispatcher.jobqueue import STATES, DirQueue
 
@@ -84,10 +152,12 @@ def status(cfg, now: float | None = None) -> dict[str, Any]:
                 lockouts += float(json.loads(path.read_text()).get("locked_until", 0)) > now
             except (OSError, ValueError, AttributeError, TypeError):
                 continue
+    work_running = lock_held(cfg.state_dir / "work.lock")
+    service_up = work_running and lock_held(cfg.state_dir / "intake.lock")
     return {
         "service": {
             "intake_running": lock_held(cfg.state_dir / "intake.lock"),
-            "work_running": lock_held(cfg.state_dir / "work.lock"),
+            "work_running": work_running,
             "mailbox_read_ago": _ago(notes.get("intake_ok"), now),
             "queue_worked_ago": _ago(notes.get("work_ok"), now),
             "last_error": notes.get("last_error", ""),
@@ -99,6 +169,9 @@ def status(cfg, now: float | None = None) -> dict[str, Any]:
         "replies_unsent": len(unsent),
         "oldest_unsent_reply_age": round(now - min(j.created for j in unsent)) if unsent else None,
         "lockouts": lockouts,
+        "locked_hosts": locked_hosts(notes, work_running, _service_pid(cfg.state_dir / "work.lock"), now),
+        "longest_run": longest_run(cfg),
+        "outgoing_mail": outgoing_mail(cfg, notes if service_up else {}, now),
         "inventory": _inventory(cfg, now),
     }
 
@@ -157,6 +230,25 @@ def verdict(report: dict[str, Any], cfg) -> tuple[int, list[str]]:
         fetched = inv.get("last_fetch_ago")
         if fetched is None or fetched > cfg.degraded_after_minutes * 60:
             degraded.append(f"the inventory has not been fetched for {_minutes(fetched)}")
+    too_long = report["longest_run"] + LOCK_MARGIN
+    for lock in report["locked_hosts"]:
+        if lock["held_for"] > too_long:
+            degraded.append(
+                f"host {lock['host']} locked by {lock['job']} for {_minutes(lock['held_for'])} "
+                f"(longer than the longest run timeout, {report['longest_run']} s, + {LOCK_MARGIN} s)"
+            )
+    mail = report["outgoing_mail"]
+    if mail["held_replies"]:
+        degraded.append(
+            f"{mail['held_replies']} repl(ies) held back by the outgoing mail limit ("
+            + limit_text(mail)
+            + f"); the next can go in {_minutes(mail['next_send_in'])}"
+        )
+    if mail["smtp_failures"] >= SMTP_FAILURES_DEGRADED:
+        degraded.append(
+            f"the SMTP server failed {mail['smtp_failures']} times in a row "
+            f"(for {_minutes(mail['smtp_failing_since_ago'])}): {mail['smtp_error']}"
+        )
     if down:
         return DOWN, down + degraded
     return (DEGRADED, degraded) if degraded else (HEALTHY, [])
@@ -164,3 +256,14 @@ def verdict(report: dict[str, Any], cfg) -> tuple[int, list[str]]:
 
 def _minutes(seconds) -> str:
     return "ever" if seconds is None else f"{seconds / 60:.0f} min"
+
+
+def limit_text(mail: dict[str, Any]) -> str:
+    """'12/150 recipients in the last hour, 40/450 in the last day' (limits in force only)."""
+    parts = [
+        f"{mail[f'sent_last_{w}']}/{mail[f'limit_per_{w}']}"
+        + (" recipients" if not i else "")
+        + f" in the last {w}"
+        for i, w in enumerate(w for w in ("hour", "day") if mail[f"limit_per_{w}"])
+    ]
+    return ", ".join(parts) or "no limit"

@@ -11,24 +11,49 @@ jobs on other hosts still start.
 The same mutex covers the recovery of stale `processing/` records: a job held
 here (running, or being settled) is in flight and is never recovered from under
 its worker. The work lock (`state/work.lock`) keeps other processes out.
+
+Which job holds which host, and since when, is published on every change (`publish`,
+the service's health notes), so that `athome status`, another process, can show it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dispatcher.jobqueue import DirQueue, Job
 
+log = logging.getLogger(__name__)
+
 
 class HostLocks:
-    def __init__(self) -> None:
+    def __init__(self, publish: Callable[[dict[str, dict]], None] | None = None) -> None:
         self._cond = threading.Condition()
         self._held: dict[str, frozenset[str]] = {}  # job id -> the hosts it locks
+        self._since: dict[str, float] = {}  # job id -> when it took its locks (time.time())
         self._generation = 0  # bumped whenever locks are released or work arrives
+        self._publish = publish
+
+    def _changed(self) -> None:
+        """Publish the locks (under the mutex, so notes are never written out of order)."""
+        if self._publish is None:
+            return
+        try:
+            self._publish(self._locks())
+        except Exception:  # a note for monitoring must never stop a worker
+            log.warning("could not publish the host locks", exc_info=True)
+
+    def _locks(self) -> dict[str, dict]:
+        return {
+            host: {"job": job_id, "since": self._since.get(job_id, 0.0)}
+            for job_id, hosts in self._held.items()
+            for host in sorted(hosts)
+        }
 
     def claim(self, queue: DirQueue, hosts_of: Callable[[Job], frozenset[str]]) -> Job | None:
         """Claim the oldest due job whose hosts are all free (and not reserved by an older
@@ -49,6 +74,9 @@ class HostLocks:
             job = queue.claim(accept=accept)
             if job is not None:
                 self._held[job.id] = chosen[job.id]
+                self._since[job.id] = time.time()
+                if chosen[job.id]:
+                    self._changed()
             return job
 
     @contextlib.contextmanager
@@ -61,12 +89,18 @@ class HostLocks:
         """Mark a job in flight (inside `quiet()`): e.g. a recovered one being settled."""
         with self._cond:
             self._held[job_id] = hosts
+            self._since[job_id] = time.time()
+            if hosts:
+                self._changed()
 
     def release(self, job_id: str) -> None:
         with self._cond:
-            self._held.pop(job_id, None)
+            hosts = self._held.pop(job_id, None)
+            self._since.pop(job_id, None)
             self._generation += 1
             self._cond.notify_all()
+            if hosts:
+                self._changed()
 
     def poke(self) -> None:
         """Wake the idle workers (new work queued, or stopping)."""
@@ -88,3 +122,8 @@ class HostLocks:
         """host -> id of the job that holds it (for logs and status)."""
         with self._cond:
             return {host: job_id for job_id, hosts in self._held.items() for host in hosts}
+
+    def locks(self) -> dict[str, dict]:
+        """host -> {"job": id, "since": time.time() when it was taken}: what is published."""
+        with self._cond:
+            return self._locks()

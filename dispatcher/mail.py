@@ -7,14 +7,20 @@ the rejection reply, is durably queued.
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
+import fcntl
 import imaplib
+import json
 import logging
 import mailbox
 import os
 import re
 import smtplib
 import ssl
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import EmailMessage
@@ -340,12 +346,46 @@ class MaildirSender:
 # ------------------------------------------------------------------- SMTP
 
 
+class RecipientsDeferred(TransportError):
+    """The server refused some recipients for now (4xx to RCPT, e.g. 450 mailbox busy, 452
+    too many recipients) and took the message for the others (`delivered`, maybe none): the
+    reply is tried again later for `deferred` only (RFC 5321 4.5.3.1.10). The other replies
+    may go meanwhile: the fault is this message's, not the server's."""
+
+    def __init__(self, message: str, deferred: list[str], delivered: list[str]):
+        super().__init__(message)
+        self.deferred = deferred
+        self.delivered = delivered
+
+
+# RFC 3463 X.4.5 "mail system congestion": Gmail's "550 5.4.5 Daily user sending quota
+# exceeded". A 5xx about the whole account, never about one message.
+_SYSTEM_STATUS = re.compile(rb"\b[45]\.4\.5\b")
+
+
+def _smtp_text(code, text) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return f"{code} {' '.join(str(text).split())}"
+
+
 class SMTPSender:
+    """Sends one message per connection. What goes wrong is told apart by whose it is:
+
+    - the server's or the account's (connection refused or dropped, a timeout, 421 at any
+      step, any 4xx to MAIL or DATA, a refused greeting, HELO or login, 5xx to MAIL FROM
+      such as a spent sending quota): TransportError, try every reply later; a 5xx here is
+      the same for every reply, so it must not drop them all;
+    - some recipients' for now (4xx to RCPT): RecipientsDeferred;
+    - this message's for good (5xx to RCPT for every recipient, 5xx to DATA):
+      PermanentTransportError. A 5xx for some recipients only is logged; the others got it."""
+
     def __init__(self, settings: SMTPSettings):
         self.settings = settings
 
     def send(self, raw: bytes, mail_from: str, recipients: list[str]) -> None:
         s = self.settings
+        where = f"SMTP {s.host}:{s.port}"
         ctx = ssl.create_default_context(cafile=s.cafile or None)
         try:
             if s.security == "tls":
@@ -358,17 +398,182 @@ class SMTPSender:
                 if s.user:
                     client.login(s.user, s.password)
                 refused = client.sendmail(mail_from, recipients, raw)
-        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
-            code = getattr(exc, "smtp_code", None)
-            if isinstance(exc, smtplib.SMTPRecipientsRefused):
-                codes = [c for c, _ in exc.recipients.values()]
-                code = min(codes) if codes else None
-            error = PermanentTransportError if code and code >= 500 else TransportError
-            raise error(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise _refused(exc.recipients, [], where) from exc
+        except smtplib.SMTPDataError as exc:
+            text = _smtp_text(exc.smtp_code, exc.smtp_error)
+            said = exc.smtp_error if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error).encode()
+            if exc.smtp_code >= 500 and not _SYSTEM_STATUS.search(said):
+                raise PermanentTransportError(f"{where}: message refused: {text}") from exc
+            raise TransportError(f"{where}: DATA: {text}") from exc
+        except smtplib.SMTPResponseException as exc:  # greeting, HELO, STARTTLS, AUTH, MAIL FROM
+            raise TransportError(
+                f"{where}: {type(exc).__name__}: {_smtp_text(exc.smtp_code, exc.smtp_error)}"
+            ) from exc
         except (OSError, smtplib.SMTPException) as exc:
-            raise TransportError(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}") from exc
+            raise TransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
         if refused:
-            log.warning("SMTP refused some recipients: %s", sorted(refused))
+            delivered = [r for r in recipients if r not in refused]
+            error = _refused(refused, delivered, where)
+            if isinstance(error, RecipientsDeferred):
+                raise error
+
+
+def _refused(refused: dict, delivered: list[str], where: str) -> TransportError:
+    """What a refusal of recipients means (smtplib's {address: (code, text)})."""
+    codes = {r: code for r, (code, _) in refused.items()}
+    texts = "; ".join(f"{r}: {_smtp_text(c, t)}" for r, (c, t) in refused.items())
+    if 421 in codes.values():  # "service not available, closing channel": the whole server
+        return TransportError(f"{where}: RCPT: {texts}")
+    deferred = [r for r, code in codes.items() if 400 <= code < 500]
+    gone = [r for r in codes if r not in deferred]
+    if gone:
+        log.warning("%s refused for good: %s", where, texts)
+    if deferred:
+        return RecipientsDeferred(f"{where}: RCPT: {texts}", deferred, delivered)
+    return PermanentTransportError(f"{where}: every recipient refused: {texts}")
+
+
+# ------------------------------------------------------ outgoing mail limit
+
+HOUR, DAY = 3600, 86400
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The recipients sent in the last day (time, count), and what the limits let go now."""
+
+    entries: tuple[tuple[float, int], ...]
+    limits: tuple[tuple[int, int], ...]  # (window seconds, recipients), only those in force
+    now: float
+
+    def sent(self, window: int) -> int:
+        return sum(n for t, n in self.entries if t > self.now - window)
+
+    def next_at(self, count: int) -> float:
+        """When `count` more recipients may go (<= now: at once). A window that has sent
+        nothing takes any message, even one with more recipients than its limit."""
+        ready = self.now
+        for window, limit in self.limits:
+            inside = sorted((t, n) for t, n in self.entries if t > self.now - window)
+            used = sum(n for _, n in inside)
+            for t, n in inside:
+                if used == 0 or used + count <= limit:
+                    break
+                used -= n
+                ready = max(ready, t + window)
+        return ready
+
+    def fits(self, count: int) -> bool:
+        return self.next_at(count) <= self.now
+
+
+class SendLedger:
+    """Recipients sent over sliding windows, for the outgoing mail limit.
+
+    `state/outbox-ledger.json`: [time, recipients, key] of every message sent in the last
+    day, and when the admins were last told that the limit held mail back. Every thread
+    and process that sends reserves a message's recipients before it goes, under an flock,
+    so two senders cannot both take the last place; the file is replaced atomically
+    (tmp + fsync + rename). A reservation whose send failed is given back (`settle`); a
+    crash between the two leaves it counted: the count errs towards sending less.
+    A missing or unreadable ledger is rebuilt from `seed()` (the sent replies' records)."""
+
+    def __init__(self, path: str | os.PathLike, per_hour: int, per_day: int, seed=None):
+        self.path = Path(path)
+        self.limits = tuple((w, n) for w, n in ((HOUR, per_hour), (DAY, per_day)) if n > 0)
+        self._seed = seed
+        self._mutex = threading.Lock()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._mutex:
+            fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_bytes())
+            if not isinstance(data, dict) or not isinstance(data.get("sent"), list):
+                raise ValueError("not a ledger")
+            sent = [(float(t), int(n), str(k)) for t, n, k in data["sent"]]
+            return {"sent": sent, "alerted_at": float(data.get("alerted_at", 0))}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("outgoing mail ledger %s unreadable (%s): counted from the outbox", self.path, exc)
+        sent = [(float(t), int(n), str(k)) for t, n, k in (self._seed() if self._seed else [])]
+        return {"sent": sent, "alerted_at": 0.0}
+
+    def _save(self, data: dict, now: float) -> None:
+        data["sent"] = [e for e in data["sent"] if e[0] > now - DAY]
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                st = self.path.parent.stat()
+                if os.geteuid() == 0 and st.st_uid != 0:  # root's CLI: the service user still reads it
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def usage(self, now: float | None = None) -> Usage:
+        """What was sent and what may go now (read without the lock: the file is replaced whole)."""
+        now = time.time() if now is None else now
+        if not self.path.exists():  # counted once from the outbox, then kept
+            with self._locked():
+                data = self._load()
+                self._save(data, now)
+        with self._mutex:
+            data = self._load()
+        return Usage(tuple((t, n) for t, n, _ in data["sent"]), self.limits, now)
+
+    def reserve(self, key: str, count: int, now: float | None = None) -> float:
+        """Count `count` recipients under `key` if the limits let them go now: 0.0; else
+        nothing is counted and the time when they could go is returned."""
+        now = time.time() if now is None else now
+        with self._locked():
+            data = self._load()
+            ready = Usage(tuple((t, n) for t, n, _ in data["sent"]), self.limits, now).next_at(count)
+            if ready > now:
+                return ready
+            data["sent"].append((now, count, key))
+            self._save(data, now)
+        return 0.0
+
+    def settle(self, key: str, count: int) -> None:
+        """A reserved message reached `count` recipients (0: none, the send failed)."""
+        now = time.time()
+        with self._locked():
+            data = self._load()
+            data["sent"] = [(t, count if k == key else n, k) for t, n, k in data["sent"]]
+            data["sent"] = [e for e in data["sent"] if e[1] > 0]
+            self._save(data, now)
+
+    def alert_due(self, every: float = DAY, now: float | None = None) -> bool:
+        """True at most once per `every` seconds, across restarts (the admins' notice)."""
+        now = time.time() if now is None else now
+        with self._locked():
+            data = self._load()
+            if data["alerted_at"] > now - every:
+                return False
+            data["alerted_at"] = now
+            self._save(data, now)
+        return True
 
 
 # ---------------------------------------------------------------- building

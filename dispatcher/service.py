@@ -56,12 +56,16 @@ from dispatcher.hostlocks import HostLocks
 from dispatcher.inventory import InventoryWatcher
 from dispatcher.jobqueue import DirQueue, Job, _crash_point, disk_full, new_request_id
 from dispatcher.mail import (
+    DAY,
     FETCH_LIMIT,
+    HOUR,
     SESSION_MAX,
     IMAPInbox,
     Incoming,
     MaildirInbox,
     MaildirSender,
+    RecipientsDeferred,
+    SendLedger,
     SMTPSender,
     build_message,
 )
@@ -72,7 +76,6 @@ from dispatcher.throttle import Failure, Throttle
 log = logging.getLogger(__name__)
 
 OUTBOX_MAX_ATTEMPTS = 10_000  # an SMTP outage delays replies; it never drops them
-OUTBOX_MAX_DELAY = 600
 OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before it is re-sent
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
@@ -83,6 +86,7 @@ PRUNE_EVERY = 3600  # seconds between retention sweeps of the work loop
 # What the worker reads in a job's payload, and in a reply's: without them it is quarantined.
 JOB_FIELDS = {"command": str, "params": dict, "command_text": str, "requester": str}
 REPLY_FIELDS = {"raw": str, "rcpt": list}
+ADMIN_KINDS = ("security_alert", "token_invalid", "admin_notice")  # mail to the admins, not a requester
 
 
 def payload_problem(payload: dict[str, Any], fields: dict[str, type]) -> str:
@@ -106,6 +110,21 @@ def _decode_reply(payload: dict[str, Any]) -> tuple[bytes, str]:
         return base64.b64decode(payload["raw"], validate=True), ""
     except ValueError as exc:
         return b"", f"raw is not base64: {exc}"
+
+
+def _reply_rank(job: Job) -> int:
+    """The order replies go in when the outgoing mail limit binds (see `_claim_reply`)."""
+    if job.payload.get("kind") == "admin_notice" and job.id.startswith("outbox-held-"):
+        return 0
+    return 2 if job.payload.get("kind") in ADMIN_KINDS else 1
+
+
+def _window(seconds: int) -> str:
+    return {HOUR: "hour", DAY: "day"}.get(seconds, f"{seconds}s")
+
+
+def _window_pt(seconds: int) -> str:
+    return {HOUR: "última hora", DAY: "últimas 24 horas"}.get(seconds, f"{seconds} s")
 
 
 class Dispatcher:
@@ -136,11 +155,26 @@ class Dispatcher:
         self.replies = Replies(cfg.brand, cfg.timezone)
         self._inbox_factory = inbox_factory or self._default_inbox
         self._sender = sender or self._default_sender()
+        # Outgoing mail: the limit (SMTP only) and the backoff after the server failed.
+        self.mail_ledger = None
+        if cfg.transport == "imap" and (cfg.smtp.max_recipients_per_hour or cfg.smtp.max_recipients_per_day):
+            self.mail_ledger = SendLedger(
+                cfg.state_dir / "outbox-ledger.json",
+                cfg.smtp.max_recipients_per_hour,
+                cfg.smtp.max_recipients_per_day,
+                seed=self._sent_recently,
+            )
+        self._smtp_first, self._smtp_max = cfg.smtp.retry_first_seconds, cfg.smtp.retry_max_seconds
+        self._smtp_retry_at = self._smtp_failing_since = self._held_since = 0.0
+        self._smtp_failures = 0
+        self._outbox_mutex = threading.Lock()
         self._locks: list[int] = []
         self._pruned_at = float("-inf")
         # The parallel workers: host locks and jobs in flight (one mutex), and one
         # housekeeping pass (recovery of replies, sending, pruning, waiting jobs) at a time.
-        self.host_locks = HostLocks()
+        self.host_locks = HostLocks(
+            publish=lambda locks: self.health.note(locks=locks, locks_pid=os.getpid())
+        )
         self._housekeeping = threading.Lock()
         self.audit = AuditLog(cfg.audit_dir)
         self.health = Health(cfg.state_dir / "health.json")
@@ -197,6 +231,21 @@ class Dispatcher:
         # A reply being sent by another process right now is younger than this;
         # one older was claimed by a process that died. Run at start and every work pass.
         return self.outbox.recover(min_age=OUTBOX_STALE_AFTER)
+
+    def _sent_recently(self) -> list[tuple[float, int, str]]:
+        """(time, recipients, id) of the replies sent in the last day, from their outbox
+        records: what the outgoing mail ledger starts from when it is missing."""
+        since = time.time() - DAY
+        found = []
+        for entry in os.scandir(self.outbox.root / "done"):
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                if not entry.name.endswith(".json") or entry.stat().st_mtime < since:
+                    continue
+                record = json.loads(Path(entry.path).read_bytes())
+                at = max(h["at"] for h in record["history"] if h.get("event") == "done")
+                if at > since:
+                    found.append((float(at), len(record["payload"]["rcpt"]), record["id"]))
+        return found
 
     def prune(self) -> dict[str, int]:
         """Drop what is older than worker.retention_days: finished jobs, sent replies, seen markers."""
@@ -967,37 +1016,203 @@ class Dispatcher:
         )
 
     def flush_outbox(self, stop: threading.Event | None = None) -> int:
-        """Send every due reply; stop at the first transport failure (retry later). A reply
-        whose record holds no sendable message is quarantined and the others go on."""
+        """Send the due replies within the outgoing mail limit, in order (`_reply_rank`);
+        return how many were sent. Nothing is ever dropped for a fault that is not the
+        message's own:
+
+        - over the limit (mail.smtp.max_recipients_per_hour/_per_day): the rest stays
+          queued and goes as the window allows (`_claim_reply`, `_note_held`);
+        - the server unavailable (down, 421, a 4xx to MAIL or DATA, a 5xx about the
+          account): the pass stops and sending waits, twice as long after each failure in
+          a row (`_smtp_failed`); a 421 "try later" is honoured the same way;
+        - some recipients refused for now (4xx to RCPT): that reply waits, for them only,
+          and the others go on;
+        - refused for good (5xx to RCPT or DATA): that reply is failed, the others go on;
+        - a record that holds no sendable message: quarantined, the others go on."""
         sent = 0
         while stop is None or not stop.is_set():
-            item = self.outbox.claim()
+            if time.time() < self._smtp_retry_at:
+                return sent  # the server failed a moment ago: not before its backoff
+            item, held, need = self._claim_reply()
             if item is None:
+                self._note_held(held, need)
                 return sent
             raw, problem = _decode_reply(item.payload)
             if problem:
                 self.outbox.quarantine(item, problem)
                 continue
+            rcpt = item.payload["rcpt"]
+            key = f"{item.id}#{item.attempts}"  # a re-send after a crash counts again
+            ready = self.mail_ledger.reserve(key, len(rcpt)) if self.mail_ledger else 0.0
+            if ready:  # another process took the last places meanwhile
+                self.outbox.release(item, "outgoing mail limit")
+                self._note_held(self.outbox.count("pending"), len(rcpt))
+                return sent
             try:
-                self._sender.send(raw, self.cfg.from_address, item.payload["rcpt"])
+                self._sender.send(raw, self.cfg.from_address, rcpt)
             except PermanentTransportError as exc:
+                self._settle_reservation(key, 0)
                 log.error("reply %s refused for good, not retried: %s", item.id, exc)
+                self.health.error("outbox", f"reply {item.id} refused for good: {exc}")
                 self.outbox.finish(item, success=False, reason=str(exc))
                 continue
-            except TransportError as exc:
-                delay = min(OUTBOX_MAX_DELAY, 15 * 2 ** min(item.attempts, 10))
-                log.warning("reply %s not sent (%s); next try in %ss", item.id, exc, delay)
+            except RecipientsDeferred as exc:
+                self._settle_reservation(key, len(exc.delivered))
+                self._smtp_ok()
+                delay = min(self._smtp_max, self._smtp_first * 2 ** max(0, item.attempts - 1))
+                log.warning(
+                    "reply %s: %s deferred by the server (%s); tried again for them in %.0fs",
+                    item.id,
+                    ", ".join(exc.deferred),
+                    exc,
+                    delay,
+                )
+                item.payload["rcpt"] = exc.deferred
+                item.payload["delivered"] = [*item.payload.get("delivered", []), *exc.delivered]
                 self.outbox.retry_later(item, delay, str(exc))
+                continue
+            except TransportError as exc:
+                self._settle_reservation(key, 0)
+                retry_at = self._smtp_failed(exc, item.id)
+                self.outbox.retry_later(item, max(0.0, retry_at - time.time()), str(exc))
+                with self._outbox_mutex:  # it is due when sending resumes: it goes first again
+                    self._smtp_retry_at = max(self._smtp_retry_at, item.not_before)
                 return sent
+            self._smtp_ok()
             # Keep who got what and when, not the message itself (links, addresses).
             item.payload["bytes"] = len(raw)
             item.payload["raw"] = ""
             self.outbox.finish(item)
             sent += 1
-            log.info(
-                "sent reply %s (%s) to %s", item.id, item.payload.get("kind"), ", ".join(item.payload["rcpt"])
-            )
+            log.info("sent reply %s (%s) to %s", item.id, item.payload.get("kind"), ", ".join(rcpt))
         return sent
+
+    def _claim_reply(self) -> tuple[Job | None, int, int]:
+        """The next reply to send, when the limit lets it go now: (reply, 0, 0). Otherwise
+        (None, replies held back by the limit, recipients of the next one), or (None, 0, 0)
+        when no reply is due.
+
+        Order: the notice that the limit holds mail back first (it explains the delay),
+        then the replies to requesters, then the admins' alerts, oldest first in each.
+        When the limit binds it is usually a flood of refusals and alerts: a colleague
+        waiting for a confirmation or a result must not wait behind them (as intake
+        handles likely-genuine mail first). A reply that does not fit blocks the ones
+        after it: nothing overtakes it and it is not starved by smaller ones."""
+        usage = self.mail_ledger.usage() if self.mail_ledger else None
+        if usage is not None and not usage.fits(1):
+            return None, self.outbox.count("pending"), 1
+        blocked = 0
+        for rank in (0, 1, 2):
+
+            def accept(job: Job, rank: int = rank) -> bool:
+                nonlocal blocked
+                if blocked or _reply_rank(job) != rank:
+                    return False
+                rcpt = job.payload.get("rcpt")
+                if usage is not None and isinstance(rcpt, list) and not usage.fits(len(rcpt)):
+                    blocked = len(rcpt)
+                    return False
+                return True
+
+            item = self.outbox.claim(accept=accept)
+            if item is not None:
+                return item, 0, 0
+            if blocked:
+                return None, self.outbox.count("pending"), blocked
+        return None, 0, 0
+
+    def _settle_reservation(self, key: str, count: int) -> None:
+        if self.mail_ledger:
+            self.mail_ledger.settle(key, count)
+
+    def _smtp_failed(self, exc: TransportError, reply_id: str) -> float:
+        """The server (or the account) failed: no reply is tried before the backoff, twice as
+        long after each failure in a row. Returns when sending may try again."""
+        with self._outbox_mutex:
+            self._smtp_failures += 1
+            failures = self._smtp_failures
+            delay = min(self._smtp_max, self._smtp_first * 2 ** (failures - 1))
+            now = time.time()
+            self._smtp_retry_at = now + delay
+            self._smtp_failing_since = self._smtp_failing_since or now
+            self.health.note(
+                smtp_failing={
+                    "since": self._smtp_failing_since,
+                    "failures": failures,
+                    "retry_at": self._smtp_retry_at,
+                    "error": str(exc)[:300],
+                }
+            )
+        log.warning(
+            "reply %s not sent (%s); sending waits %.1fs (failure %d in a row)",
+            reply_id,
+            exc,
+            delay,
+            failures,
+        )
+        return self._smtp_retry_at
+
+    def _smtp_ok(self) -> None:
+        """The server took a message: the backoff is over."""
+        if not self._smtp_failures:
+            return
+        with self._outbox_mutex:
+            failures, self._smtp_failures = self._smtp_failures, 0
+            since, self._smtp_failing_since = self._smtp_failing_since, 0.0
+            self._smtp_retry_at = 0.0
+            self.health.note(smtp_failing=None)
+        if failures:
+            log.info("SMTP: sending again after %d failure(s) over %.0fs", failures, time.time() - since)
+
+    def _note_held(self, held: int, need: int = 1) -> None:
+        """A stretch of time when the limit holds replies back gets one warning in the log,
+        a note for `athome status`, and (at most once a day, across restarts) a notice to
+        the admins, which waits for the limit like any reply but goes first."""
+        with self._outbox_mutex:
+            now = time.time()
+            if not held:
+                if self._held_since:
+                    log.info(
+                        "outgoing mail limit: replies go out again (held back for %.0fs)",
+                        now - self._held_since,
+                    )
+                    self._held_since = 0.0
+                    self.health.note(outbox_held=None)
+                return
+            usage = self.mail_ledger.usage(now)
+            next_at = usage.next_at(need)
+            started = not self._held_since
+            self._held_since = self._held_since or now
+            self.health.note(outbox_held={"since": self._held_since, "replies": held, "next_at": next_at})
+            if not started:
+                return
+            sent = ", ".join(f"{usage.sent(w)}/{n} in the last {_window(w)}" for w, n in usage.limits)
+            log.warning(
+                "outgoing mail limit reached (recipients sent: %s): %d repl(ies) wait in the outbox, the "
+                "next can go in %.0fs; none is dropped",
+                sent,
+                held,
+                max(0.0, next_at - now),
+            )
+            if not self.mail_ledger.alert_due(now=now):
+                return
+        self._queue_reply(
+            f"outbox-held-{new_request_id(now)}",
+            "admin_notice",
+            to=self.cfg.admin_addresses,
+            headline="respostas retidas pelo limite de envio de e-mail",
+            rows=[
+                ("Respostas na fila", str(held)),
+                *(
+                    (f"Enviados ({_window_pt(w)})", f"{usage.sent(w)} de {n} destinatários")
+                    for w, n in usage.limits
+                ),
+                ("Próximo envio", self.replies.local_time(next_at)),
+            ],
+            advice="Nenhuma resposta foi descartada: elas saem em ordem assim que o limite permitir "
+            "(mail.smtp.max_recipients_per_hour / max_recipients_per_day). Veja athome status. "
+            "Este aviso é enviado no máximo uma vez por dia.",
+        )
 
     # ----------------------------------------------------------------- work
 

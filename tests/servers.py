@@ -296,6 +296,12 @@ class SMTPSink:
     messages: list = field(default_factory=list)
     down: bool = False  # answer 451 (try later) to every message
     reject: bool = False  # answer 550 (refused for good) to every message
+    # Scripted answers, each used once, then the normal one: to the next DATA commands
+    # (e.g. "451 4.3.0 ...", "421 4.7.0 try later"), MAIL FROM, and RCPT TO per address.
+    data_script: list = field(default_factory=list)
+    mail_script: list = field(default_factory=list)
+    rcpt_script: dict = field(default_factory=dict)
+    tries: int = 0  # DATA commands received, whatever the answer
 
     def start(self) -> SMTPSink:
         from aiosmtpd.controller import Controller
@@ -304,7 +310,24 @@ class SMTPSink:
         sink = self
 
         class Handler:
+            async def handle_MAIL(self, server, session, envelope, address, options):  # noqa: N802
+                if sink.mail_script:
+                    return sink.mail_script.pop(0)
+                envelope.mail_from = address
+                envelope.mail_options.extend(options)
+                return "250 OK"
+
+            async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: N802
+                if sink.rcpt_script.get(address):
+                    return sink.rcpt_script[address].pop(0)
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(options)
+                return "250 OK"
+
             async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                sink.tries += 1
+                if sink.data_script:
+                    return sink.data_script.pop(0)
                 if sink.down:
                     return "451 4.3.0 temporarily unavailable (test)"
                 if sink.reject:
@@ -345,6 +368,10 @@ class SMTPSink:
         """Forget what was received and answer normally again (per test)."""
         self.messages.clear()
         self.down = self.reject = False
+        self.data_script.clear()
+        self.mail_script.clear()
+        self.rcpt_script.clear()
+        self.tries = 0
         return self
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list:

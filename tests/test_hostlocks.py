@@ -4,6 +4,7 @@ command's lock set as the inventory resolves it."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -38,6 +39,25 @@ def test_claim_takes_the_oldest_job_whose_hosts_are_free(q):
     assert locks.busy() == {"a": "1", "b": "3"}
     locks.release("1")
     assert locks.claim(q, hosts_of).id == "2"
+
+
+def test_every_change_of_the_locks_is_published_with_who_holds_them_since_when(q):
+    published: list[dict] = []
+    locks = HostLocks(publish=published.append)
+    put(q, "a", "b", job_id="1")
+    put(q, "c", job_id="2")
+    before = time.time()
+    locks.claim(q, hosts_of)
+    locks.claim(q, hosts_of)
+    assert [sorted(p) for p in published] == [["a", "b"], ["a", "b", "c"]]
+    assert published[-1]["a"]["job"] == "1" and published[-1]["c"]["job"] == "2"
+    assert before <= published[-1]["a"]["since"] <= time.time()
+    assert published[-1] == locks.locks()
+    locks.release("1")
+    assert published[-1] == {"c": published[1]["c"]}, "released: gone from the notes"
+    locks.hold("3")  # a recovered job being settled: no host, nothing to publish
+    locks.release("3")
+    assert len(published) == 3
 
 
 def test_a_job_waiting_for_busy_hosts_is_not_overtaken_on_any_of_them(q):

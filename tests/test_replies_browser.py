@@ -341,6 +341,15 @@ def service_replies() -> dict[str, tuple[str, dict]]:
             "remetente. Se foi mesmo enviada por ele, veja no README o que fazer; se não, alguém está "
             "forjando o endereço. Alertas iguais para este remetente ficam suspensos por 1 hora.",
         )),
+        "admin_notice": ("admin_notice", dict(
+            request_id="", headline="respostas retidas pelo limite de envio de e-mail",
+            rows=[("Respostas na fila", "37"), ("Enviados (última hora)", "150 de 150 destinatários"),
+                  ("Enviados (últimas 24 horas)", "212 de 450 destinatários"),
+                  ("Próximo envio", "29/11/2025 14:05 (UTC-03:00)")],
+            advice="Nenhuma resposta foi descartada: elas saem em ordem assim que o limite permitir "
+            "(mail.smtp.max_recipients_per_hour / max_recipients_per_day). Veja athome status. "
+            "Este aviso é enviado no máximo uma vez por dia.",
+        )),
         "help": ("help", dict(request_id=REQUEST_ID, commands=list(commands.COMMANDS.values()))),
         "status": ("status", dict(request_id=REQUEST_ID, asked_id=REQUEST_ID, job=job, position=2)),
         "status-unknown": ("status", dict(request_id=REQUEST_ID, asked_id="20251128_090000_000000_zz",
