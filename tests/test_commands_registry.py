@@ -133,3 +133,21 @@ def test_a_new_command_is_its_own_module_and_nothing_else(tmp_path, monkeypatch)
     )
     help_text = Replies().render(answer.template, **answer.values).text
     assert "PING" in help_text and help_text.index("PING") < help_text.index("RAMAIS")
+
+
+def test_every_reply_template_has_a_status_line():
+    """The status (what happened) is each reply's first line: a template that fills a
+    block the layout does not have (`subject`, before the status moved out of the
+    subject) would send replies with an empty one."""
+    import re
+    from pathlib import Path
+
+    folder = Path(commands.__file__).parent.parent / "templates"
+    for path in sorted(folder.glob("[!_]*.txt.j2")):
+        source, chain = path.read_text(), [path.name]
+        while "{% block status %}" not in source:
+            parent = re.search(r'{% extends "([^"]+)" %}', source)
+            assert parent and parent.group(1) != "_layout.txt.j2", f"{' -> '.join(chain)}: no status block"
+            chain.append(parent.group(1))
+            source = (folder / parent.group(1)).read_text()
+        assert "{% block subject %}" not in path.read_text(), path.name
