@@ -638,7 +638,10 @@ def _allowed_commands(master: Tree, plan: Plan) -> list[str] | None:
         if c.strip().upper() in COMMANDS:
             names.append(COMMANDS[c.strip().upper()].name)
         else:
-            plan.unknown.append(f"{path}:{_json_line(text, c)}: command {c} (athome has no such command)")
+            line = text.count("\n", 0, max(text.find(json.dumps(c)), 0)) + 1
+            plan.unknown.append(f"{path}:{line}: command {c} (athome has no such command)")
+    if not names:  # an empty scope would mean "every command" for a token
+        raise LegacyError(path, 1, "no command athome knows is allowed: the tokens would run nothing")
     plan.mapping.append(f"{path}: allowed commands -> the imported tokens' scope: {', '.join(names)}")
     return sorted(set(names))
 

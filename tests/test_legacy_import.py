@@ -234,9 +234,12 @@ def test_a_file_that_differs_is_replaced_only_with_force_and_kept(legacy, workdi
 def test_unknown_keys_are_listed_by_name_never_by_value(legacy, workdir):
     cfg = legacy / "master/config/monitor_config.txt"
     cfg.write_text(cfg.read_text() + "BACKUP_FTP_PASSWORD=placeholder-imap-secret-8c1f\nLANGUAGE=pt_BR\n")
+    allowed = legacy / "master/config/allowed_commands.json"
+    allowed.write_text('{"allowed_commands": ["RAMAIS", "CHECKIP", "MACCHANGE", "REBOOT"]}')
     proc = import_(legacy, workdir / "import", "--dry-run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "unknown keys, NOT imported (3)" in proc.stdout
+    assert "unknown keys, NOT imported (4)" in proc.stdout
+    assert f"{allowed}:1: command REBOOT (athome has no such command)" in proc.stdout
     assert f"{cfg}:21: BACKUP_FTP_PASSWORD" in proc.stdout and f"{cfg}:22: LANGUAGE" in proc.stdout
     assert "servers_config.json:15: servers.audio.pbx_version" in proc.stdout
     assert "BACKUP_FTP_PASSWORD (" in proc.stdout.split("secrets found")[1], (
