@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint unit check bench system-deps venv clean ansible-test-setup sanity units
+.PHONY: demo test lint unit check bench system-deps venv install clean ansible-test-setup sanity units
 
 ## Debian packages for the real servers the tests start on loopback (sshd,
 ## fail2ban, Dovecot), systemd-analyze and libseccomp's Python binding (the
@@ -44,6 +44,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## `athome` on the PATH: a link to the venv's script (its shebang names the venv's Python,
+## so nothing needs activating). /usr/local/bin as root, ~/.local/bin otherwise; BINDIR=... to choose.
+BINDIR ?= $(if $(filter 0,$(shell id -u)),/usr/local/bin,$(HOME)/.local/bin)
+install: venv
+	@mkdir -p '$(BINDIR)'
+	@ln -sfn '$(abspath $(BIN))/athome' '$(BINDIR)/athome'
+	@echo "athome -> $(abspath $(BIN))/athome linked in $(BINDIR)"
+	@case ":$$PATH:" in *":$(BINDIR):"*) ;; *) echo "$(BINDIR) is not on your PATH: add it (e.g. in ~/.profile)";; esac
 
 demo: system-deps venv
 	$(BIN)/athome demo

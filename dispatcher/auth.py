@@ -582,9 +582,11 @@ class TokenStore:
         senders: list[str],
         expires_days: float = 30,
         allow_weak: bool = False,
+        commands: list[str] | None = None,
     ) -> list[str]:
         """Import the legacy tokens.json ({"tokens": [{token, description, enabled}]} or a
-        bare list), bound to `senders`, expiring, marked legacy; returns notes.
+        bare list), bound to `senders`, expiring, marked legacy, scoped to `commands` when
+        given (None: every non-admin command); returns notes.
 
         They were stored and committed in clear: guessable ones come in disabled unless
         allow_weak, and every one should be rotated before it expires."""
@@ -617,7 +619,9 @@ class TokenStore:
                 enabled = False
                 notes.append(f"entry {n} ({desc}): guessable token imported DISABLED")
             try:
-                entry, _ = self.add(desc, senders, token=token, expires=expires, legacy=True, enabled=enabled)
+                entry, _ = self.add(
+                    desc, senders, commands, token=token, expires=expires, legacy=True, enabled=enabled
+                )
             except AthomeError as exc:
                 notes.append(f"entry {n} ({desc}): skipped, {exc}")
                 continue

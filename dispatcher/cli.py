@@ -78,6 +78,13 @@ def cmd_check(args) -> int:
             warnings.append(
                 "auth.authentication_results.required is off: a forged From with a known token runs commands"
             )
+        # A deployment: two readers of one mailbox take each other's messages.
+        from dispatcher.legacy import legacy_timers
+
+        warned, notes = legacy_timers()
+        warnings += warned
+        for note in notes:
+            print(f"NOTE: {note}")
     for w in warnings:
         print(f"WARNING: {w}")
     for p in problems:
@@ -232,6 +239,20 @@ def cmd_token(args) -> int:
             "a new one (athome token add / rotate) before they expire."
         )
     return 0
+
+
+def cmd_legacy(args) -> int:
+    """Carry the legacy system's configuration across (dispatcher/legacy.py)."""
+    from dispatcher import legacy
+
+    return legacy.run_import(
+        [Path(p) for p in args.path],
+        Path(args.out),
+        args.sender,
+        dry_run=args.dry_run,
+        force=args.force,
+        expires_days=args.expires_days,
+    )
 
 
 def cmd_status(args) -> int:
@@ -467,6 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
     x = ts.add_parser("unlock", help="end a sender's lock-out after bad tokens")
     x.add_argument("sender")
     c.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("legacy", help="carry the legacy system's configuration across")
+    ls = c.add_subparsers(dest="action", required=True)
+    x = ls.add_parser(
+        "import",
+        help="legacy trees -> inventory, athome.yml, senders.txt, tokens.json, athome.env.example",
+    )
+    x.add_argument(
+        "path", nargs="+", help="a legacy tree (master or MODE=slave), or a directory holding them"
+    )
+    x.add_argument("--out", required=True, help="where to write the result, to review and move into place")
+    x.add_argument(
+        "--sender",
+        action="append",
+        default=[],
+        help="who may use the legacy tokens (address or @domain; repeat; default: the whitelist)",
+    )
+    x.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    x.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files that exist and differ (old ones kept in DIR/.backups/)",
+    )
+    x.add_argument("--expires-days", type=float, default=30, help="the legacy tokens expire after (30)")
+    c.set_defaults(func=cmd_legacy)
 
     c = sub.add_parser("status", help="health: exit 0 healthy, 1 degraded, 2 down (for monitoring)")
     c.add_argument("--json", action="store_true")
