@@ -169,6 +169,7 @@ class Dispatcher:
         self._smtp_failures = 0
         self._outbox_mutex = threading.Lock()
         self._locks: list[int] = []
+        self._roles: set[str] = set()  # the state/<role>.lock files this process holds
         self._pruned_at = float("-inf")
         # The parallel workers: host locks and jobs in flight (one mutex), and one
         # housekeeping pass (recovery of replies, sending, pruning, waiting jobs) at a time.
@@ -217,10 +218,15 @@ class Dispatcher:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._locks.append(fd)
+        self._roles.add(role)
 
     def recover(self) -> list[str]:
         """Settle what a crash left behind; only the holder of the work lock may."""
-        actions = self.jobs.recover() + self._recover_outbox()
+        # Holding both locks (`athome run`), no other process can be sending a reply: one
+        # left in outbox/processing was being sent when a process died, and goes out now
+        # (not OUTBOX_STALE_AFTER later: a requester would wait 15 minutes for it).
+        alone = {"intake", "work"} <= self._roles
+        actions = self.jobs.recover() + (self.outbox.recover() if alone else self._recover_outbox())
         # A killed run's private data dir holds its extravars and recorded environment.
         scrubbed = runner.scrub_private_dirs(self.cfg.run_dir)
         if scrubbed:

@@ -16,8 +16,10 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -250,6 +252,19 @@ service imap-login {{
         return ssl.create_default_context(cafile=str(self.cert))
 
 
+def imap_settings(dovecot: Dovecot, user: str, password_env: str, **extra: str) -> dict:
+    """The `mail.imap` section of an athome config reading `user`'s mailbox on this
+    Dovecot over loopback (the password is taken from the environment variable)."""
+    return {
+        "host": LOOPBACK,
+        "port": dovecot.imap_port,
+        "security": "plain",
+        "user": user,
+        "password_env": password_env,
+        **extra,
+    }
+
+
 def make_cert(cert: Path, key: Path) -> None:
     if cert.exists():
         return
@@ -302,6 +317,10 @@ class SMTPSink:
     mail_script: list = field(default_factory=list)
     rcpt_script: dict = field(default_factory=dict)
     tries: int = 0  # DATA commands received, whatever the answer
+    # Fault injection: awaited with each message before it is recorded. It may wait (the
+    # client then waits for its answer) and returns None to accept the message, or an
+    # SMTP answer ("451 ...") to refuse it.
+    before_accept: Callable[[Any], Awaitable[str | None]] | None = None
 
     def start(self) -> SMTPSink:
         from aiosmtpd.controller import Controller
@@ -332,6 +351,10 @@ class SMTPSink:
                     return "451 4.3.0 temporarily unavailable (test)"
                 if sink.reject:
                     return "550 5.1.1 mailbox unavailable (test)"
+                if sink.before_accept is not None:
+                    refusal = await sink.before_accept(envelope)
+                    if refusal:
+                        return refusal
                 raw = envelope.original_content or envelope.content
                 sink.messages.append(
                     (envelope.mail_from, list(envelope.rcpt_tos), email.message_from_bytes(raw))
