@@ -313,3 +313,18 @@ def test_unban_and_whitelist_validate_through_that_filter():
         assert first["hosts"] == "localhost"
         include = first["tasks"][0]["ansible.builtin.include_role"]
         assert include == {"name": "athome.voip.fail2ban_whitelist", "tasks_from": "validate.yml"}
+
+
+def test_extravars_reach_the_playbook_as_the_text_the_grammar_made(tmp_path):
+    """A MAC or an extension with a leading zero stays text on its way to ansible-playbook:
+    ansible-core 2.19 read `!unsafe '010203040506'` as an octal integer, quoted or not."""
+    from dispatcher.runner import write_extravars
+
+    sent = extravars("MACCHANGE=0010 MACATUAL=010203040506 MACFUTURO=0A0203040599 SERVER=gv2p")
+    path = write_extravars(tmp_path, sent)
+    text = path.read_text()
+    assert "mac_current: '010203040506'" in text and "extension: '0010'" in text
+    assert "mac_new: !unsafe '0A0203040599'" in text  # not a number: tagged as before
+    loaded = DataLoader().load_from_file(str(path))
+    assert {k: str(v) if isinstance(v, str) else v for k, v in loaded.items()} == sent
+    assert passes(MACCHANGE, loaded)
