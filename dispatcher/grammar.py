@@ -21,6 +21,10 @@ from dispatcher.errors import GrammarError
 MAX_SUBJECT_CHARS = 512
 DATE_FORMAT = "%d/%m/%Y %H:%M"
 DATE_HUMAN = "DD/MM/AAAA HH:MM"
+# Years a date may name: a request for recordings before 2000 or after 2099 is a typo
+# (0001, 2205). playbooks/audios.yml accepts 1980-2099 (what a ZIP entry can date) and the
+# recordings module any year its Python can format, so what passes here passes there.
+YEAR_MIN, YEAR_MAX = 2000, 2099
 
 # Reply/forward prefixes mail clients put before the token (pt-BR and English).
 _PREFIX = re.compile(r"^\s*(?:re|res|fw|fwd|enc|tr)\s*:\s*", re.IGNORECASE | re.ASCII)
@@ -319,8 +323,10 @@ def keyword_map(
 # ------------------------------------------------------------------ validators
 
 
-def parse_extensions(value: str, example: str = "", command: str | None = None) -> tuple[str, ...]:
-    """'1121,1122' -> ('1121', '1122'): 2-8 ASCII digits each, no duplicates."""
+def parse_extensions(
+    value: str, example: str = "", command: str | None = None, limit: int | None = None
+) -> tuple[str, ...]:
+    """'1121,1122' -> ('1121', '1122'): 2-8 ASCII digits each, no duplicates, at most `limit`."""
     parts = [p.strip() for p in value.split(",")]
     if not value or any(not p for p in parts):
         raise GrammarError(
@@ -336,6 +342,13 @@ def parse_extensions(value: str, example: str = "", command: str | None = None) 
     dupes = sorted({p for p in parts if parts.count(p) > 1})
     if dupes:
         raise GrammarError(f"Ramal repetido: {', '.join(dupes)}.", example, command)
+    if limit is not None and len(parts) > limit:
+        raise GrammarError(
+            f"Foram pedidos {len(parts)} ramais; o máximo por pedido é {limit}. "
+            "Divida-os em pedidos menores.",
+            example,
+            command,
+        )
     return tuple(parts)
 
 
@@ -344,6 +357,14 @@ def parse_datetime(value: str, name: str, example: str = "", command: str | None
     if not match:
         raise GrammarError(
             f"{name} deve estar no formato {DATE_HUMAN} (recebido: “{value[:30]}”).",
+            example,
+            command,
+        )
+    year = int(match.group(3))
+    if not YEAR_MIN <= year <= YEAR_MAX:
+        raise GrammarError(
+            f"{name} tem o ano {match.group(3)}; o ano deve estar entre {YEAR_MIN} e {YEAR_MAX} "
+            f"(formato {DATE_HUMAN}).",
             example,
             command,
         )
@@ -356,10 +377,16 @@ def parse_datetime(value: str, name: str, example: str = "", command: str | None
 def parse_window(
     start_text: str, end_text: str, max_days: int, example: str = "", command: str | None = None
 ) -> tuple[datetime, datetime]:
+    """Both minutes inclusive: INICIO equal to FIM is the one minute they name."""
     start = parse_datetime(start_text, "INICIO", example, command)
     end = parse_datetime(end_text, "FIM", example, command)
-    if start >= end:
-        raise GrammarError("INICIO deve ser anterior a FIM.", example, command)
+    if start > end:
+        raise GrammarError(
+            "INICIO não pode ser depois de FIM (os dois minutos entram no período; "
+            "INICIO igual a FIM pede um minuto só).",
+            example,
+            command,
+        )
     if (end - start).total_seconds() > max_days * 86400:
         raise GrammarError(
             f"O período pedido passa de {max_days} dias; divida-o em pedidos menores.",

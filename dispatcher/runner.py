@@ -59,13 +59,25 @@ class _ExtravarsDumper(yaml.SafeDumper):
     pass
 
 
-_ExtravarsDumper.add_representer(_Unsafe, lambda dumper, s: dumper.represent_scalar("!unsafe", str(s)))
+_ExtravarsDumper.add_representer(
+    _Unsafe, lambda dumper, s: dumper.represent_scalar("!unsafe", str(s), style="'")
+)
+_RESOLVER = yaml.resolver.Resolver()
+
+
+def _plain_text(value: str) -> bool:
+    """The text a YAML loader reads as a string when it resolves tags itself. ansible-core
+    2.19 resolves the value of an `!unsafe` scalar again, quoted or not: `!unsafe '0010'`
+    came back as the octal integer 8 (a MAC 010203040506 as 1108099398). A text that
+    resolves to a number, a boolean, null or a date cannot hold a template either."""
+    return _RESOLVER.resolve(yaml.ScalarNode, value, (True, False)) == "tag:yaml.org,2002:str"
 
 
 def _unsafe(value):
-    """Tag every string value (in nested dicts and lists too); keys stay plain."""
+    """Tag every string value (in nested dicts and lists too) that a loader keeps as text;
+    the others are written quoted. Keys stay plain."""
     if isinstance(value, str):
-        return _Unsafe(value)
+        return _Unsafe(value) if _plain_text(value) else value
     if isinstance(value, dict):
         return {k: _unsafe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

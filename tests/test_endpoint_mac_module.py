@@ -6,7 +6,6 @@ File-level helpers (atomic write, backups) run on real files here.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.collection_paths import MODULES
+from tests.collection_paths import MODULES, load_module_utils
+from tests.collection_paths import load_module as load_module_from_collection
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE_PATH = MODULES / "endpoint_mac.py"
@@ -24,13 +24,11 @@ FIXTURES = REPO / "tests" / "fixtures" / "endpoints"
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("endpoint_mac", MODULE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_collection("endpoint_mac", "endpoint_files")
 
 
 em = load_module()
+ef = load_module_utils("endpoint_files")
 DEF = (FIXTURES / "__ENDPOINTS__.DEF").read_bytes().decode("latin-1")
 SIP = (FIXTURES / "endpoints_sip.def").read_bytes().decode("latin-1")
 TEXTS = {"endpoints_def": DEF, "endpoints_sip": SIP}
@@ -75,11 +73,11 @@ def test_normalize_mac_round_trips_any_address(octets, sep, lower):
 
 
 def test_read_mac_knows_each_files_empty_spelling():
-    assert em.read_mac("", DEF_RULES) == ""
-    assert em.read_mac("None", SIP_RULES) == ""
-    assert em.read_mac("None", DEF_RULES) is None  # a DEF record says '' for "no MAC"
-    assert em.read_mac("00156517b784", DEF_RULES) == "00156517B784"
-    assert em.read_mac("garbage", SIP_RULES) is None
+    assert ef.read_mac("", DEF_RULES) == ""
+    assert ef.read_mac("None", SIP_RULES) == ""
+    assert ef.read_mac("None", DEF_RULES) is None  # a DEF record says '' for "no MAC"
+    assert ef.read_mac("00156517b784", DEF_RULES) == "00156517B784"
+    assert ef.read_mac("garbage", SIP_RULES) is None
 
 
 # --------------------------------------------------------------------- parsing
@@ -118,7 +116,7 @@ def test_record_without_mac_field_is_reported():
 
 def test_mask_comments_keeps_offsets():
     text = "a\n  # c 'x'\nb\n"
-    masked = em.mask_comments(text)
+    masked = ef.mask_comments(text)
     assert len(masked) == len(text)
     assert masked.splitlines()[1].strip() == ""
     assert masked.splitlines()[2] == "b"

@@ -76,6 +76,22 @@ VALID = [
         "RAMAIS",
         {"extensions": ["1013010"], "server": "gv1p", "start": "2025-12-31 23:00", "end": "2026-01-01 01:00"},
     ),
+    (
+        "[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=04/11/2025 12:00 FIM=04/11/2025 12:00",
+        "RAMAIS",
+        {"extensions": ["1121"], "server": "voip1", "start": "2025-11-04 12:00", "end": "2025-11-04 12:00"},
+    ),
+    (
+        "[A1B2C3D4] RAMAIS=" + ",".join(str(1000 + i) for i in range(50)) + " SERVER=voip1 "
+        "INICIO=01/01/2000 00:00 FIM=01/01/2000 00:59",
+        "RAMAIS",
+        {
+            "extensions": [str(1000 + i) for i in range(50)],
+            "server": "voip1",
+            "start": "2000-01-01 00:00",
+            "end": "2000-01-01 00:59",
+        },
+    ),
     ("[A1B2C3D4] HELP", "HELP", {}),
     ("[A1B2C3D4] ajuda", "HELP", {}),
     ("[A1B2C3D4] STATUS 20251111_171215_482913_a1", "STATUS", {"request_id": "20251111_171215_482913_a1"}),
@@ -127,8 +143,15 @@ INVALID = [
         "não é uma data válida",
     ),
     ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=2025-11-01 00:00 FIM=05/11/2025 23:59", "formato"),
-    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=05/11/2025 00:00 FIM=01/11/2025 23:59", "anterior"),
-    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=01/11/2025 00:00", "anterior"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=05/11/2025 00:00 FIM=01/11/2025 23:59", "depois de FIM"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=04/11/2025 12:01 FIM=04/11/2025 12:00", "depois de FIM"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/0001 00:00 FIM=05/11/2025 23:59", "entre 2000 e 2099"),
+    ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00 FIM=05/11/2205 23:59", "ano 2205"),
+    (
+        "[A1B2C3D4] RAMAIS=" + ",".join(str(1000 + i) for i in range(51)) + " SERVER=voip1 "
+        "INICIO=01/11/2025 00:00 FIM=05/11/2025 23:59",
+        "o máximo por pedido é 50",
+    ),
     ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/01/2025 00:00 FIM=05/11/2025 23:59", "31 dias"),
     ("[A1B2C3D4] RAMAIS=1121 SERVER=voip1 INICIO=01/11/2025 00:00", "Falta FIM"),
     ("[A1B2C3D4] MACCHANGE=3010 SERVER=gv2p", "Informe MACATUAL"),

@@ -18,6 +18,7 @@ import pytest
 
 from dispatcher.runner import run_playbook
 from tests import servers
+from tests.collection_paths import UNIT_FIXTURES
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +43,13 @@ def with_mac(mac: str) -> tuple[bytes, bytes]:
 class MacHost:
     """One inventory alias with its own endpoint files, backups and monitor log."""
 
-    def __init__(self, root: Path, alias: str):
+    def __init__(self, root: Path, alias: str, sip: bytes = ORIG_SIP):
         self.alias = alias
         self.dir = root / alias
         self.dir.mkdir(parents=True)
         self.def_path, self.sip_path = self.dir / DEF_NAME, self.dir / SIP_NAME
         self.monitor_log = root / f"{alias}-monitor.log"
-        for path, data in ((self.def_path, ORIG_DEF), (self.sip_path, ORIG_SIP)):
+        for path, data in ((self.def_path, ORIG_DEF), (self.sip_path, sip)):
             path.write_bytes(data)
             os.chown(path, NOBODY, NOBODY)
             path.chmod(0o640)
@@ -60,7 +61,9 @@ class MacHost:
             "endpoint_mac_endpoints_sip": str(self.sip_path),
             "endpoint_mac_backup_keep": 2,
             "endpoint_mac_monitor_command": [
-                "/bin/sh", "-c", f"echo notified >> {self.monitor_log}",
+                "/bin/sh",
+                "-c",
+                f"echo notified >> {self.monitor_log}",
             ],
             **extra,
         }
@@ -79,7 +82,8 @@ class MacHost:
             info = path.stat()
             assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (NOBODY, NOBODY, 0o640), path
         assert sorted(p.name for p in self.dir.iterdir() if not p.name.endswith(".bak")) == sorted(
-            [DEF_NAME, SIP_NAME]), "a temp file was left behind"
+            [DEF_NAME, SIP_NAME]
+        ), "a temp file was left behind"
 
 
 @pytest.fixture
@@ -184,14 +188,22 @@ def test_three_legacy_runs_in_sequence(fleet):
 @pytest.mark.parametrize(
     "extravars, message, reason",
     [
-        ({"mac_current": "010203040507", "mac_new": "010203040599"},
-         "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds "
-         "MAC 010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.", "mismatch"),
-        ({"extension": "3999", "mac_current": "010203040506", "mac_new": "010203040599"},
-         "extension 3999 is in neither file", "not_found"),
-        ({"mac_current": "010203040506", "mac_new": "805EC09B49F3"},
-         "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)",
-         "mac_in_use"),
+        (
+            {"mac_current": "010203040507", "mac_new": "010203040599"},
+            "extension 3010 does not hold MAC 010203040507 in both files: __ENDPOINTS__.DEF holds "
+            "MAC 010203040506; endpoints_sip.def holds MAC 010203040506. Nothing was written.",
+            "mismatch",
+        ),
+        (
+            {"extension": "3999", "mac_current": "010203040506", "mac_new": "010203040599"},
+            "extension 3999 is in neither file",
+            "not_found",
+        ),
+        (
+            {"mac_current": "010203040506", "mac_new": "805EC09B49F3"},
+            "MAC 805EC09B49F3 is already held by extension 2001 (__ENDPOINTS__.DEF, endpoints_sip.def)",
+            "mac_in_use",
+        ),
     ],
     ids=["mac-mismatch", "unknown-extension", "duplicate-new-mac"],
 )
@@ -260,7 +272,8 @@ def test_apply_and_failed_second_write_on_target_python(fleet, version):
 
 def test_monitor_that_cannot_be_notified_fails_the_host_but_reports_the_change(fleet):
     inventory, host, _ = fleet(
-        endpoint_mac_monitor_command=["/bin/sh", "-c", "echo arimonitor is down >&2; exit 3"])
+        endpoint_mac_monitor_command=["/bin/sh", "-c", "echo arimonitor is down >&2; exit 3"]
+    )
     res = macchange(inventory, mac_current="010203040506", mac_new="010203040599")
     result = res.hosts["gv2p"]
     assert result.status == "failed"
@@ -268,3 +281,91 @@ def test_monitor_that_cannot_be_notified_fails_the_host_but_reports_the_change(f
     assert any("could not be notified: arimonitor is down" in w for w in result.report["warnings"])
     assert any("changed in both files, but the provisioning monitor" in e for e in result.errors)
     assert host.files() == with_mac("010203040599")
+
+
+# ------------------------------------------------------------- endpoint files as they are
+
+LAYOUTS = {
+    name: (UNIT_FIXTURES / "endpoints" / f"endpoints_sip.{name}.def").read_bytes()
+    for name in ("semicolon", "pipe", "section", "comment")
+}
+BROKEN_LINES = b"ext=3050|MAC:0004F2000001\n3051|Novo|MAC:805EC09B49F3\n"
+SECOND_FIELD = b"".join(  # a layout the default rules cannot read: the extension second
+    b"l%d;%s\n" % (i, line.strip())
+    for i, line in enumerate(ORIG_SIP.splitlines())
+    if line.strip()[:1].isdigit()
+)
+SECOND_FIELD_RULES = {"endpoints_sip": {"record": [r"^l[0-9]+;(?P<ext>[0-9]+)(?P<body>[^\r\n]*)"]}}
+
+
+@pytest.fixture
+def layouts(sshd, workdir):
+    """One mac_servers alias per layout of endpoints_sip.def, one with lines that do not parse,
+    one whose layout needs its own endpoint_mac_rules (set as a host var)."""
+    python = servers.target_python()
+    hosts = {name: MacHost(workdir, name, sip) for name, sip in LAYOUTS.items()}
+    hosts["broken"] = MacHost(workdir, "broken", LAYOUTS["pipe"] + BROKEN_LINES)
+    hosts["custom"] = MacHost(workdir, "custom", SECOND_FIELD)
+    mac_servers = {name: host.hostvars(python) for name, host in hosts.items()}
+    mac_servers["custom"]["endpoint_mac_rules"] = SECOND_FIELD_RULES
+    inventory = servers.write_inventory(
+        workdir / "inventory.yml",
+        {"sip_servers": dict.fromkeys(hosts, {}), "mac_servers": mac_servers},
+        all_vars={**sshd.ansible_vars(), "ansible_python_interpreter": python},
+    )
+    return inventory, hosts
+
+
+def test_probe_reports_how_every_layout_parses_and_changes_nothing(layouts):
+    inventory, hosts = layouts
+    before = {name: host.files() for name, host in hosts.items()}
+    res = run_playbook(
+        "macchange.yml", inventory=inventory, extravars={"probe": True, "request_id": "probe-1"}, check=True
+    )
+    assert res.succeeded, res.to_dict()
+    assert sorted(res.hosts) == sorted([*hosts, "localhost"])
+    extensions = sorted({line.split(b";")[0].strip().decode() for line in ORIG_SIP.splitlines()
+                         if line.strip()[:1].isdigit()}, key=lambda e: (len(e), e))  # fmt: skip
+    assert len(extensions) == 40
+    for name, host in hosts.items():
+        report = res.hosts[name].report
+        assert res.hosts[name].status == "ok", name  # read only: nothing changed
+        assert report["probe"] is True and report["check_mode"] is True and report["request_id"] == "probe-1"
+        sip, def_ = report["files"]["endpoints_sip"], report["files"]["endpoints_def"]
+        assert def_["extensions"] == extensions and def_["unparsed"] == []
+        assert def_["path"] == str(host.def_path)
+        if name == "broken":
+            assert sip["extensions"] == sorted([*extensions, "3051"], key=lambda e: (len(e), e))
+            assert [u["text"] for u in sip["unparsed"]] == ["ext=3050|MAC:0004F2000001"]
+            assert sip["duplicate_macs"] == {"805EC09B49F3": ["2001", "3051"]}
+            assert report["only_in"] == {"endpoints_def": [], "endpoints_sip": ["3051"]}
+        else:
+            assert sip["extensions"] == extensions, name
+            assert sip["unparsed"] == [] and sip["duplicate_macs"] == {} and sip["bad_records"] == [], name
+            assert report["only_in"] == {"endpoints_def": [], "endpoints_sip": []}, name
+        assert sip["without_mac"] == ["2010"] and sip["records"] == 40 + (name == "broken")
+    for name, host in hosts.items():
+        assert host.files() == before[name] and host.backups() == [] and host.notifications() == 0
+
+    # the same host without its own rules: the probe shows the default cannot read it
+    inventory.write_text(inventory.read_text().replace("endpoint_mac_rules", "unused_rules"))
+    res = run_playbook("macchange.yml", inventory=inventory, extravars={"probe": True, "target": "custom"})
+    assert res.succeeded, res.to_dict()
+    sip = res.hosts["custom"].report["files"]["endpoints_sip"]
+    assert sip["records"] == 0 and sip["unparsed_count"] == 40
+    assert res.hosts["custom"].report["only_in"]["endpoints_def"] == extensions
+
+
+@pytest.mark.parametrize("layout", ["section", "custom"])
+def test_a_change_on_another_layout_writes_only_the_mac(layouts, layout):
+    inventory, hosts = layouts
+    host = hosts[layout]
+    _def, sip = host.files()
+    res = macchange(inventory, target=layout, mac_current="010203040506", mac_new="01:02:03:04:05:99")
+    assert res.succeeded, res.to_dict()
+    report = res.hosts[layout].report
+    assert report["operation"] == "replace" and report["notified"] is True
+    assert "010203040599" in report["files"]["endpoints_sip"]["after"]
+    assert sip.count(b"010203040506") == 1
+    assert host.files() == (with_mac("010203040599")[0], sip.replace(b"010203040506", b"010203040599"))
+    host.assert_owner_and_mode()

@@ -238,6 +238,21 @@ def test_audio_route_on_old_target_pythons_month_end(world, version, layout):
     check_zip(fetch(report["url"]), want, layout)
 
 
+def test_a_one_minute_window_selects_that_minute(world):
+    """INICIO equal to FIM (RAMAIS ... INICIO=01/01/2025 02:00 FIM=01/01/2025 02:00) is the
+    minute it names: 02:00:59 is in, 02:01:00 is not (tests/test_limits.py ties the grammar)."""
+    world.write_inventory()
+    minute = {"start": "2025-01-01 02:00", "end": "2025-01-01 02:00"}
+    result = world.run("req-minute", minute)
+    assert result.succeeded, result.to_dict()
+    report = only_report(result)[1]
+    want = rs.expected(CALLS, REQ["extensions"], **minute)
+    assert want and all(c.when.strftime("%Y-%m-%d %H:%M") == minute["start"] for c in want)
+    assert any(c.when.second == 59 for c in want)
+    check_counts(report, want, REQ["extensions"])
+    check_zip(fetch(report["url"]), want)
+
+
 def test_limits_exceeded_and_nothing_found_make_no_zip(world):
     world.write_inventory(audio={"recordings_max_files": 5, "recordings_files_cap": 3})
     before = world.published()

@@ -26,6 +26,8 @@ def received_at(request_id: str) -> str:
 
 
 ISO = "%Y-%m-%d %H:%M"
+# Extensions in one request: playbooks/audios.yml asserts the same bound (tests/test_limits.py).
+MAX_EXTENSIONS = 50
 
 
 class Ramais(CommandSpec):
@@ -57,7 +59,7 @@ class Ramais(CommandSpec):
         fields = grammar.keyword_map(
             pairs, ("RAMAIS", "SERVER", "INICIO", "FIM"), (), self.example, self.name
         )
-        extensions = grammar.parse_extensions(fields["RAMAIS"], self.example, self.name)
+        extensions = grammar.parse_extensions(fields["RAMAIS"], self.example, self.name, limit=MAX_EXTENSIONS)
         server = grammar.parse_host(fields["SERVER"], ctx, SIP_GROUP, self.example, self.name)
         start, end = grammar.parse_window(
             fields["INICIO"], fields["FIM"], ctx.max_window_days, self.example, self.name

@@ -29,19 +29,13 @@ description:
     file in the same directory, renamed over the original). If writing the second file
     fails, the first one is put back, so the files never disagree.
   - Owner, group, mode and every byte outside the changed values are preserved.
-  - The rules that find an extension's record are the C(FILE_RULES) table at the top of
-    the module; the README of the role athome.voip.endpoint_mac documents the file format.
+  - The rules that find an extension's record and its MAC are regexes (O(rules)); the
+    defaults tolerate the layouts seen in the field, and the README of the role
+    athome.voip.endpoint_mac documents them. M(athome.voip.endpoint_mac_info) reports how
+    a host's files parse with the same rules, changing nothing.
 version_added: "0.1.0"
 author: athome-ops (@athome-ops)
 options:
-  endpoints_def:
-    description: Path of C(__ENDPOINTS__.DEF). Symlinks are followed.
-    type: path
-    required: true
-  endpoints_sip:
-    description: Path of C(endpoints_sip.def). Symlinks are followed.
-    type: path
-    required: true
   extension:
     description: The extension (digits only) whose MAC changes.
     type: str
@@ -75,10 +69,12 @@ options:
     default: 0
 extends_documentation_fragment:
   - athome.voip.attributes
+  - athome.voip.endpoint_files
 notes:
   - Backups are named C(<file name>.<YYYYmmdd_HHMMSS>.bak) (the legacy timestamp), with a
     C(_N) suffix when that name is already taken.
-  - Lines whose first non-blank character is C(#) are comments and never matched.
+seealso:
+  - module: athome.voip.endpoint_mac_info
 """
 
 EXAMPLES = r"""
@@ -192,34 +188,21 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-# ---------------------------------------------------------------------------
-# Where an extension's MAC lives. Adapting to the real files is a change here.
-#   record: finds one extension's record; groups `ext` (the extension) and
-#           `body` (the text searched for the MAC). Compiled with MULTILINE.
-#   mac:    finds the MAC inside the body; group `mac` is the value replaced.
-#   empty:  values read as "no MAC"; the first one is what `remove` writes.
-# Comment lines (first non-blank character `#`) are blanked before matching.
-FILE_RULES = {
-    "endpoints_def": {
-        "label": "__ENDPOINTS__.DEF",
-        "record": r"""^[ \t]*(['"])(?P<ext>[0-9]+)\1[ \t]*:[ \t]*\{(?P<body>[^{}]*)\}""",
-        "mac": r"""(['"])serialnumber\1[ \t]*:[ \t]*(['"])(?P<mac>[^'"\r\n]*)\2""",
-        "empty": ("",),
-    },
-    "endpoints_sip": {
-        "label": "endpoints_sip.def",
-        "record": r"""^[ \t]*(?P<ext>[0-9]+)[ \t]*;(?P<body>[^\r\n]*)""",
-        "mac": r"""(?<![A-Za-z0-9_])MAC[ \t]*:[ \t]*(?P<mac>[^\s;]*)""",
-        "empty": ("None", ""),
-    },
-}
-# ---------------------------------------------------------------------------
+from ansible_collections.athome.voip.plugins.module_utils.endpoint_files import (
+    FILES,
+    all_rules,
+    as_display,
+    describe,
+    line_at,
+    normalize_mac,
+    others_holding,
+    parse_records,
+)
 
+# The default rules, compiled (module_utils/endpoint_files.py RULES; option rules overrides them).
+FILE_RULES = all_rules()
 BACKUP_STAMP = "%Y%m%d_%H%M%S"
 EXTENSION_RE = re.compile(r"^[0-9]{1,10}$")
-_MAC_SEPARATORS = re.compile(r"[\s:.\-]")
-_MAC_RE = re.compile(r"^[0-9A-F]{12}$")
-_COMMENT_LINE = re.compile(r"^[ \t]*#[^\r\n]*", re.MULTILINE)
 
 
 class MacChangeError(Exception):
@@ -231,114 +214,12 @@ class MacChangeError(Exception):
         self.reason = reason
 
 
-class Record(object):
-    """One extension's record in one file, with the span of its MAC value."""
-
-    __slots__ = ("ext", "raw", "mac", "start", "end", "count")
-
-    def __init__(self, ext, raw, mac, start, end, count):
-        self.ext = ext
-        self.raw = raw  # the value as written, None when the record has no MAC field
-        self.mac = mac  # normalised: 12 hex, "" for empty, None when not a MAC
-        self.start = start
-        self.end = end
-        self.count = count  # how many MAC fields the record has
-
-    def __repr__(self):
-        return "Record(%r, raw=%r, mac=%r)" % (self.ext, self.raw, self.mac)
-
-
-# ----------------------------------------------------------------- pure helpers
-
-
-def normalize_mac(value):
-    """'01:02:03:04:05:0a' -> '01020304050A'; '' or None -> ''; raises ValueError."""
-    if value is None:
-        return ""
-    text = _MAC_SEPARATORS.sub("", value).upper()
-    if text == "":
-        return ""
-    if not _MAC_RE.match(text):
-        raise ValueError("%r is not a MAC address (12 hex digits)" % (value,))
-    return text
-
-
-def read_mac(raw, rules):
-    """A value as found in a file -> normalised MAC, '' for empty, None when not a MAC."""
-    if raw is None:
-        return None
-    if raw.strip() in rules["empty"]:
-        return ""
-    try:
-        return normalize_mac(raw) or None
-    except ValueError:
-        return None
-
-
-def mask_comments(text):
-    """Blank comment lines (same length, newlines kept) so offsets stay valid."""
-    return _COMMENT_LINE.sub(lambda m: " " * len(m.group(0)), text)
-
-
-def parse_records(text, rules):
-    """Every record of a file, in file order."""
-    masked = mask_comments(text)
-    record_re = re.compile(rules["record"], re.MULTILINE)
-    mac_re = re.compile(rules["mac"])
-    records = []
-    for match in record_re.finditer(masked):
-        body_start, body_end = match.span("body")
-        found = list(mac_re.finditer(masked, body_start, body_end))
-        if found:
-            start, end = found[0].span("mac")
-            raw = text[start:end]
-            records.append(Record(match.group("ext"), raw, read_mac(raw, rules), start, end, len(found)))
-        else:
-            records.append(Record(match.group("ext"), None, None, body_start, body_start, 0))
-    return records
-
-
-def describe(rules, found):
-    """What a file holds for an extension, in words."""
-    if not found:
-        return "no such extension"
-    if len(found) > 1:
-        return "%d records for the extension (ambiguous)" % len(found)
-    rec = found[0]
-    if rec.count == 0:
-        return "a record without a MAC field"
-    if rec.count > 1:
-        return "a record with %d MAC fields (ambiguous)" % rec.count
-    if rec.mac is None:
-        return "%r, which is not a MAC" % rec.raw
-    if rec.mac == "":
-        return "no MAC (%s)" % (rec.raw if rec.raw else "''")
-    return "MAC %s" % rec.mac
-
-
-def line_at(text, start, end):
-    """The whole line(s) around text[start:end], without surrounding blanks."""
-    first = text.rfind("\n", 0, start) + 1
-    last = text.find("\n", end)
-    if last < 0:
-        last = len(text)
-    return text[first:last].strip()
-
-
-def others_holding(records, extension, mac):
-    """Extensions other than `extension` whose MAC equals `mac`, in file order."""
-    seen = []
-    for rec in records:
-        if rec.ext != extension and rec.count == 1 and rec.mac == mac and rec.ext not in seen:
-            seen.append(rec.ext)
-    return seen
-
-
-def plan_change(texts, extension, mac_current, mac_new):
+def plan_change(texts, extension, mac_current, mac_new, rules=None):
     """Decide what to do; pure.
 
     texts: {'endpoints_def': text, 'endpoints_sip': text} (any str type, decoded
-    byte-for-byte, e.g. latin-1). Returns a dict with operation, changed,
+    byte-for-byte, e.g. latin-1); rules: compiled rules per file (default FILE_RULES).
+    Returns a dict with operation, changed,
     warnings and per file {before, after, text}; raises MacChangeError with a
     message for the operator when the request cannot be applied.
     """
@@ -354,13 +235,13 @@ def plan_change(texts, extension, mac_current, mac_new):
     if current == new:
         raise MacChangeError("mac_current and mac_new are the same (%s)" % current, "invalid")
     operation = "replace" if current and new else ("remove" if current else "add")
+    file_rules = rules or FILE_RULES
 
     records, found, states = {}, {}, []
-    for key in ("endpoints_def", "endpoints_sip"):
-        rules = FILE_RULES[key]
-        records[key] = parse_records(texts[key], rules)
+    for key in FILES:
+        records[key] = parse_records(texts[key], file_rules[key])
         found[key] = [r for r in records[key] if r.ext == extension]
-        states.append("%s holds %s" % (rules["label"], describe(rules, found[key])))
+        states.append("%s holds %s" % (file_rules[key]["label"], describe(file_rules[key], found[key])))
     held = []
     for key in ("endpoints_def", "endpoints_sip"):
         usable = len(found[key]) == 1 and found[key][0].count == 1
@@ -386,7 +267,7 @@ def plan_change(texts, extension, mac_current, mac_new):
         where = {}
         for key in ("endpoints_def", "endpoints_sip"):
             for ext in others_holding(records[key], extension, new):
-                where.setdefault(ext, []).append(FILE_RULES[key]["label"])
+                where.setdefault(ext, []).append(file_rules[key]["label"])
         holders = ["%s (%s)" % (ext, ", ".join(where[ext])) for ext in sorted(where, key=int)]
         if holders and changed:
             raise MacChangeError(
@@ -405,10 +286,9 @@ def plan_change(texts, extension, mac_current, mac_new):
                 "other extensions also have no MAC: %s" % ", ".join(sorted(empty, key=int)))
 
     files = {}
-    for key in ("endpoints_def", "endpoints_sip"):
-        rules = FILE_RULES[key]
+    for key in FILES:
         text, rec = texts[key], found[key][0]
-        value = new if new else rules["empty"][0]
+        value = new if new else file_rules[key]["empty"][0]
         after_text = text[:rec.start] + value + text[rec.end:] if changed else text
         after_end = rec.start + len(value) if changed else rec.end
         files[key] = {
@@ -443,11 +323,6 @@ def prunable_backups(names, base, keep):
             dated.append(((match.group(1), int(match.group(2) or 0)), name))
     dated.sort()
     return [name for _key, name in dated[:-keep]] if len(dated) > keep else []
-
-
-def as_display(text):
-    """Latin-1 working text back to what the file says in UTF-8, for humans."""
-    return text.encode("latin-1").decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------- I/O
@@ -548,6 +423,7 @@ def main():
             backup=dict(type="bool", default=True),
             backup_dir=dict(type="path", default=""),
             backup_keep=dict(type="int", default=0),
+            rules=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
     )
@@ -566,6 +442,11 @@ def main():
         mac_warnings=[],
     )
 
+    try:
+        rules = all_rules(params["rules"])
+    except ValueError as exc:
+        module.fail_json(msg="bad rules: %s. Nothing was written." % exc, reason="invalid", **result)
+
     texts = {}
     for key in keys:
         label = FILE_RULES[key]["label"]
@@ -579,7 +460,7 @@ def main():
                              **result)
 
     try:
-        plan = plan_change(texts, extension, params["mac_current"], params["mac_new"])
+        plan = plan_change(texts, extension, params["mac_current"], params["mac_new"], rules)
     except MacChangeError as exc:
         module.fail_json(msg=str(exc), reason=exc.reason, **result)
 
