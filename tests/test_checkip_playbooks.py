@@ -81,6 +81,7 @@ def test_unban_unbans_where_banned_and_whitelists_everywhere(sshd, fleet, workdi
     for h, rep in reports.items():
         assert rep["whitelisted"] == "new", (h, rep)
         assert rep["request_id"] == "req-1" and rep["errors"] == []
+        assert rep["transport"] == "socket", (h, rep)
         assert sorted(rep["jails"]) == ["asterisk", "sshd"]
     assert "-3.3.3.3" in (fleet["gv3p"].dir / "actions.log").read_text()
     assert fleet["gv1p"].banned_jails("4.4.4.4") == ["sshd"]
@@ -169,9 +170,7 @@ def test_unreachable_host_does_not_stop_the_others(ssh_keys, sshd, fleet, workdi
     assert IP not in fleet["gv2p"].ignore_list("sshd")
 
 
-@pytest.mark.parametrize(
-    "bad", ["0.0.0.0/0", "127.0.0.1", "3.3.3.3;id", "999.1.1.1", "::", "224.0.0.1", ""]
-)
+@pytest.mark.parametrize("bad", ["0.0.0.0/0", "127.0.0.1", "3.3.3.3;id", "999.1.1.1", "::", "224.0.0.1", ""])
 def test_invalid_address_fails_before_any_host(bad, fail2ban_factory, workdir):
     f2b = fail2ban_factory("gv1p")
     f2b.ban("asterisk", IP)
@@ -198,7 +197,7 @@ def test_old_target_pythons_and_old_fail2ban_clients(sshd, fail2ban_factory, wor
     version cannot run here, so a wrapper around the real client refuses those commands
     the way the old server does (rc 255) and passes everything else through.
     """
-    fleet = {n: fail2ban_factory(n) for n in ("py27", "py36", "py311")}
+    fleet = {n: fail2ban_factory(n) for n in ("py27", "py36", "py311", "py27s", "py36s")}
     wrappers = {}
     calls = {}
     for name, refuse_get in (("py27", False), ("py36", True)):
@@ -218,11 +217,19 @@ def test_old_target_pythons_and_old_fail2ban_clients(sshd, fail2ban_factory, wor
     for f2b in fleet.values():
         f2b.ban("sshd", IP)
     extra = {
-        "py27": {"ansible_python_interpreter": servers.pyenv_python("2.7"),
-                 "fail2ban_whitelist_client": wrappers["py27"]},
-        "py36": {"ansible_python_interpreter": servers.pyenv_python("3.6"),
-                 "fail2ban_whitelist_client": wrappers["py36"]},
+        "py27": {
+            "ansible_python_interpreter": servers.pyenv_python("2.7"),
+            "fail2ban_whitelist_client": wrappers["py27"],
+        },
+        "py36": {
+            "ansible_python_interpreter": servers.pyenv_python("3.6"),
+            "fail2ban_whitelist_client": wrappers["py36"],
+        },
         "py311": {},
+        # The real client: the module on 2.7 / 3.6 starts the socket helper under
+        # fail2ban-client's own interpreter.
+        "py27s": {"ansible_python_interpreter": servers.pyenv_python("2.7")},
+        "py36s": {"ansible_python_interpreter": servers.pyenv_python("3.6")},
     }
     inv = ssh_inventory(workdir / "inv.yml", sshd, fleet, extra=extra)
     res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
@@ -235,6 +242,15 @@ def test_old_target_pythons_and_old_fail2ban_clients(sshd, fail2ban_factory, wor
     assert "get sshd banned 3.3.3.3" in calls["py27"].read_text()
     assert "status sshd" not in calls["py27"].read_text()
     assert "status sshd" in calls["py36"].read_text()
+    # The shell wrappers are no Python script: fail2ban-client ran every command there.
+    transports = {h: res.hosts[h].report["transport"] for h in fleet}
+    assert transports == {
+        "py27": "client",
+        "py36": "client",
+        "py311": "socket",
+        "py27s": "socket",
+        "py36s": "socket",
+    }
     again = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
     assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
 
@@ -254,12 +270,14 @@ def test_local_connection_hosts_disabled_and_failing(fail2ban_factory, workdir):
     ok.ban("asterisk", "2001:db8::7")
     inv = servers.write_inventory(
         workdir / "inv.yml",
-        {"fail2ban_servers": {
-            "demo1": host_vars(ok),
-            "demo2": host_vars(bare),
-            "off": host_vars(off, enabled=False),
-            "stopped": host_vars(stopped),
-        }},
+        {
+            "fail2ban_servers": {
+                "demo1": host_vars(ok),
+                "demo2": host_vars(bare),
+                "off": host_vars(off, enabled=False),
+                "stopped": host_vars(stopped),
+            }
+        },
         {"ansible_connection": "local", "ansible_python_interpreter": servers.target_python()},
     )
     res = run_playbook("unban.yml", inventory=inv, extravars={"ip": "2001:DB8::7"})
@@ -311,3 +329,63 @@ def test_real_world_configs_broken_elsewhere_stopped_jails_accents_and_later_ove
     assert all(IP in f2b.ignore_list(j) for j in f2b.JAILS)
     managed = (f2b.dir / MANAGED).read_text()
     assert "[recidive]" in managed and "9.9.9.9" in managed and IP in managed
+
+
+def python_client(path: Path, shebang: str, log: Path) -> str:
+    """A fail2ban-client that logs its arguments and runs the real one: a Python script, so
+    the socket route reads its shebang and starts the helper under `shebang`."""
+    path.write_text(
+        f"#!{shebang}\n"
+        "import os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "os.execv('/usr/bin/fail2ban-client', ['fail2ban-client'] + sys.argv[1:])\n"
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
+    sshd, fail2ban_factory, workdir
+):
+    """- socket: the helper under the client's own interpreter does every runtime command over one
+      connection; fail2ban-client runs only for the config test (`-t`) of the first run, and not
+      at all on the second;
+    - pickle mismatch: a client whose interpreter (Python 3.6) cannot read the server's pickles
+      (protocol 5): the module falls back to fail2ban-client and does the same work;
+    - transport: client forces fail2ban-client for everything."""
+    fleet = {n: fail2ban_factory(n) for n in ("socket", "mismatch", "forced")}
+    logs = {n: workdir / f"calls-{n}.log" for n in fleet}
+    clients = {
+        "socket": python_client(workdir / "client-socket", "/usr/bin/python3", logs["socket"]),
+        "mismatch": python_client(workdir / "client-mismatch", servers.pyenv_python("3.6"), logs["mismatch"]),
+        "forced": python_client(workdir / "client-forced", "/usr/bin/python3", logs["forced"]),
+    }
+    for f2b in fleet.values():
+        f2b.ban("asterisk", IP)
+    extra = {n: {"fail2ban_whitelist_client": clients[n]} for n in fleet}
+    extra["forced"]["fail2ban_whitelist_transport"] = "client"
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet, extra=extra)
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert res.succeeded, res.to_dict()
+    for h, f2b in fleet.items():
+        rep = res.hosts[h].report
+        assert rep["banned_in"] == ["asterisk"] and rep["whitelisted"] == "new", (h, rep)
+        assert f2b.banned_jails(IP) == []
+        assert all(IP in f2b.ignore_list(j) for j in f2b.JAILS)
+    assert {h: res.hosts[h].report["transport"] for h in fleet} == {
+        "socket": "socket",
+        "mismatch": "client",
+        "forced": "client",
+    }
+    calls = {n: logs[n].read_text().splitlines() for n in fleet}
+    assert [c.split()[2:] for c in calls["socket"]] == [["-t"]]
+    for h in ("mismatch", "forced"):
+        assert f"set asterisk unbanip {IP}" in "\n".join(calls[h]), (h, calls[h])
+        assert len(calls[h]) >= 6, (h, calls[h])  # status, banned, get x2, set x2, unbanip, -t
+    for log in logs.values():
+        log.write_text("")
+    again = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
+    assert logs["socket"].read_text() == ""
+    assert logs["mismatch"].read_text() and logs["forced"].read_text()

@@ -1,17 +1,21 @@
 """The address check of the fail2ban_whitelist role (the collection's filter), property-tested on the
-controller; the target-side parsers are tested by ansible-test units (tests/unit of the collection)."""
+controller; the target-side parsers are tested by ansible-test units (tests/unit of the collection).
+The socket route (module_utils/fail2ban_socket.py) against a real fail2ban-server."""
 
 from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.collection_paths import FILTERS, MODULE_UTILS
+from tests import servers
+from tests.collection_paths import COLLECTIONS, FILTERS, MODULE_UTILS
 
 
 def _load(name: str, path: Path):
@@ -78,3 +82,54 @@ def test_filter_agrees_with_ipaddress(addr):
     refused = refused or mapped == ipaddress.IPv4Address("255.255.255.255")
     assert (flt.ip_problem(text) != "") is refused
     assert f2b.is_single_address(text)
+
+
+# ------------------------------------------------------------ the socket route, real server
+
+
+def _socket_route():
+    """module_utils/fail2ban_socket and its error class, imported as the module imports them."""
+    if str(COLLECTIONS) not in sys.path:
+        sys.path.insert(0, str(COLLECTIONS))
+    from ansible_collections.athome.voip.plugins.module_utils import fail2ban, fail2ban_socket
+
+    return fail2ban_socket, fail2ban.Fail2banError
+
+
+def test_socket_route_against_a_real_fail2ban_server(fail2ban_factory):
+    """The helper under fail2ban-client's own interpreter, over one connection, reads and
+    changes what fail2ban-client then reads back."""
+    fs, fail2ban_error = _socket_route()
+    f2b = fail2ban_factory("sock")
+    interpreter = fs.client_interpreter("fail2ban-client", shutil.which)
+    assert interpreter == ["/usr/bin/python3"]  # Debian's fail2ban-client shebang
+    assert fs.socket_of(str(f2b.dir), lambda p: Path(p).read_text()) == str(f2b.sock)
+    f2b.ban("sshd", "3.3.3.3")
+    client = fs.SocketClient(interpreter, str(f2b.sock))
+    try:
+        assert client.jails() == ["asterisk", "sshd"]
+        assert client.banned_in("3.3.3.3", ["asterisk", "sshd"]) == (["sshd"], "banned")
+        assert fs.answer_status_banned(client.request("status", "sshd")) == ["3.3.3.3"]
+        assert sorted(client.ignoreip("asterisk")) == sorted(f2b.ignore_list("asterisk"))
+        after = client.ignoreip_change("asterisk", "addignoreip", "3.3.3.3")
+        assert "3.3.3.3" in after and sorted(after) == sorted(f2b.ignore_list("asterisk"))
+        client.unban("sshd", "3.3.3.3")
+        assert f2b.banned_jails("3.3.3.3") == []
+        with pytest.raises(fail2ban_error) as info:
+            client.ignoreip("nosuchjail")
+        assert "nosuchjail" in str(info.value)
+    finally:
+        client.close()
+    assert "-3.3.3.3" in (f2b.dir / "actions.log").read_text()
+
+
+@pytest.mark.parametrize("version", ["2.7", "3.6"])
+def test_an_older_interpreter_cannot_read_the_servers_pickles(fail2ban_factory, version):
+    """fail2ban 1.0.2 on Python 3.11 answers with pickle protocol 5, which Python 2.7 and 3.6
+    cannot read: why the helper runs under the server's interpreter, and why this is a
+    transport error (the module then uses fail2ban-client) rather than a failure."""
+    fs, _ = _socket_route()
+    f2b = fail2ban_factory("old")
+    with pytest.raises(fs.TransportError) as info:
+        fs.SocketClient([servers.pyenv_python(version)], str(f2b.sock))
+    assert "unsupported pickle protocol: 5" in str(info.value)

@@ -220,7 +220,11 @@ def render_managed(addresses, jails, base):
 
 
 class Client:
-    """fail2ban-client with a fixed config dir / socket, run through AnsibleModule.run_command."""
+    """fail2ban-client with a fixed config dir / socket, run through AnsibleModule.run_command.
+
+    The fallback of module_utils/fail2ban_socket.SocketClient, with the same methods."""
+
+    name = "client"
 
     def __init__(self, module, executable, conf_dir, sock=None):
         self.module = module
@@ -240,10 +244,16 @@ class Client:
             )
         return out
 
+    def close(self):
+        pass
+
     def jails(self, wanted=None):
         if wanted:
             return list(wanted)
         return parse_status_jails(self.call("status"))
+
+    def unban(self, jail, ip):
+        self.call("set", jail, "unbanip", ip)
 
     def ignoreip(self, jail):
         return parse_ignoreip(self.call("get", jail, "ignoreip"))

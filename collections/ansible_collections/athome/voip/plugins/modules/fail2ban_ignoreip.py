@@ -12,6 +12,12 @@ DOCUMENTATION = r"""
 module: fail2ban_ignoreip
 short_description: Unban and whitelist an address in fail2ban, at once and persistently
 description:
+  - Talks to the fail2ban server over one connection for the whole run. A helper
+    started under the interpreter of C(fail2ban-client)'s shebang (the one fail2ban
+    runs under, so it reads the server's pickles) speaks the server's socket protocol.
+    When that route cannot be used (the client is not a Python script, no socket,
+    an unreadable answer), or with I(transport=client), every command runs through
+    C(fail2ban-client) instead; C(transport) in the result says which was used.
   - With I(unban=true), first finds the jails that ban the address with
     C(fail2ban-client banned IP) (fail2ban 0.10.6+/0.11.2+), falling back to
     C(get JAIL banned IP) and then to C(status JAIL) on older servers, and unbans
@@ -54,8 +60,20 @@ options:
     type: path
     default: /etc/fail2ban
   socket:
-    description: Server socket, passed as C(-s) when set.
+    description:
+      - Server socket, passed as C(-s) when set.
+      - When not set, the C(socket) of C([Definition]) in C(conf_dir)'s fail2ban.conf,
+        fail2ban.d/*.conf, fail2ban.local, fail2ban.d/*.local (the one fail2ban-client uses).
     type: path
+  transport:
+    description:
+      - C(auto) uses one socket connection through a helper under fail2ban's own
+        interpreter and falls back to C(fail2ban-client) when that route fails;
+        C(client) always runs C(fail2ban-client) (one process per command).
+      - The configuration test (I(validate)) always runs C(fail2ban-client -t).
+    type: str
+    choices: [auto, client]
+    default: auto
   jails:
     description: Jails to act on; empty means every running jail (from C(status)).
     type: list
@@ -147,6 +165,15 @@ kept_by_config:
   returned: always
   type: list
   elements: str
+transport:
+  description: How the server was reached, C(socket) (one connection) or C(client) (C(fail2ban-client) per command).
+  returned: always
+  type: str
+  sample: socket
+transport_note:
+  description: Why C(fail2ban-client) was used with I(transport=auto); empty otherwise.
+  returned: always
+  type: str
 path:
   description: The managed file.
   returned: always
@@ -178,6 +205,7 @@ from ansible_collections.athome.voip.plugins.module_utils.fail2ban import (
     read_text,
     render_managed,
 )
+from ansible_collections.athome.voip.plugins.module_utils.fail2ban_socket import TransportError, open_client
 
 
 def read(path):
@@ -200,18 +228,30 @@ def config_ok(module, client, conf_dir):
     return rc == 0, (err or out).strip()[-500:]
 
 
-def check_config(module, client, conf_dir, path, before, result):
-    """`fail2ban-client -t` on the new config; on failure restore the old file and fail.
-
-    Called only when the config passed the same test before the write, so a
-    problem elsewhere (a jail whose log file is missing) is not blamed on us."""
-    ok, message = config_ok(module, client, conf_dir)
-    if ok:
-        return
+def restore(module, path, before):
     if before is None:
         os.unlink(path)
     else:
         write(module, path, before)
+
+
+def check_config(module, client, conf_dir, path, before, after, result):
+    """`fail2ban-client -t` on the new config; when it fails, restore the old file and fail.
+
+    A config that already failed the same test without our change (a jail whose log
+    file is missing) is not blamed on us: the new file is written back unvalidated,
+    with a warning. The old config is tested only when the new one fails, so a
+    normal change costs one test."""
+    ok, message = config_ok(module, client, conf_dir)
+    if ok:
+        return
+    restore(module, path, before)
+    baseline_ok, baseline_msg = config_ok(module, client, conf_dir)
+    if not baseline_ok:
+        write(module, path, after)
+        module.warn("fail2ban's config fails its own test before this change (%s); "
+                    "the whitelist file is written unvalidated" % baseline_msg)
+        return
     module.fail_json(
         msg="fail2ban rejected the new whitelist file, previous content restored (the address is "
         "whitelisted until the next reload): %s" % message,
@@ -228,6 +268,7 @@ def main():
             client=dict(type="str", default="fail2ban-client"),
             conf_dir=dict(type="path", default="/etc/fail2ban"),
             socket=dict(type="path"),
+            transport=dict(type="str", default="auto", choices=["auto", "client"]),
             jails=dict(type="list", elements="str", default=[]),
             path=dict(type="path"),
             backup=dict(type="bool", default=True),
@@ -242,81 +283,87 @@ def main():
     if (state != "list" or p["unban"]) and not is_single_address(ip):
         module.fail_json(msg="not a single IPv4/IPv6 address: %r" % (ip,))
     path = p["path"] or os.path.join(p["conf_dir"], "jail.d", "zz-athome-whitelist.local")
-    client = Client(module, p["client"], p["conf_dir"], p["socket"])
+    client, note = open_client(
+        Client(module, p["client"], p["conf_dir"], p["socket"]), p["transport"], p["client"],
+        p["conf_dir"], p["socket"], module.get_bin_path, read_text,
+    )
     runtime_before = {}
     result = dict(
         changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[],
-        banned_in=[], unbanned=[], ban_method="", backups_pruned=[],
+        banned_in=[], unbanned=[], ban_method="", backups_pruned=[], transport=client.name,
+        transport_note=note,
     )
     try:
-        jails = client.jails(p["jails"])
-        if p["unban"]:
-            result["banned_in"], result["ban_method"] = client.banned_in(ip, jails)
-        runtime = dict((j, client.ignoreip(j)) for j in jails)
-        runtime_before = dict(runtime)
-        before = read(path)
-        # Sections already in the file stay, even for a jail that is not running now.
-        file_jails = sorted(set(jails) | set(managed_jails(before)))
-        base = base_ignoreip(p["conf_dir"], file_jails, exclude=path)
-        managed = parse_managed(before or "")
-        wanted = list(managed)
-        changes = []  # (jail, client command) for the runtime
-        if state == "present":
-            changes = [(j, "addignoreip") for j in jails if ip not in runtime[j]]
-            in_base_everywhere = all(ip in (base[j] or []) for j in file_jails)
-            if ip not in wanted and not in_base_everywhere:
-                wanted.append(ip)
-        elif state == "absent":
-            wanted = [a for a in wanted if a != ip]
-            result["kept_by_config"] = [j for j in jails if ip in (base[j] or [])]
-            changes = [
-                (j, "delignoreip") for j in jails if ip in runtime[j] and j not in result["kept_by_config"]
-            ]
-        # 1. The runtime whitelist first, so the address cannot be banned again
-        #    between its unban and its whitelisting.
-        for jail, command in changes:
-            result["runtime_changed"].append(jail)
-            if not module.check_mode:
-                runtime[jail] = client.ignoreip_change(jail, command, ip)
-            elif command == "addignoreip":
-                runtime[jail] = runtime[jail] + [ip]
-            else:
-                runtime[jail] = [a for a in runtime[jail] if a != ip]
-        # 2. Then the unban.
-        for jail in result["banned_in"]:
-            if not module.check_mode:
-                client.call("set", jail, "unbanip", ip)
-            result["unbanned"].append(jail)
-        # 3. Then the persistent file, validated when the config was valid before.
-        after = before
-        if state != "list" and (before is not None or wanted):
-            after = render_managed(wanted, file_jails, base)
-            managed = wanted
-        if after != before:
-            result["file_changed"] = True
-            if not module.check_mode:
-                baseline_ok, baseline_msg = (True, "")
-                if p["validate"]:
-                    baseline_ok, baseline_msg = config_ok(module, p["client"], p["conf_dir"])
-                    if not baseline_ok:
-                        module.warn("fail2ban's config fails its own test before this change (%s); "
-                                    "the whitelist file is written unvalidated" % baseline_msg)
-                if p["backup"] and before is not None:
-                    result["backup_file"] = module.backup_local(path)
-                    folder, filename = os.path.split(path)
-                    for old in backups_to_prune(os.listdir(folder), filename, p["backup_keep"]):
-                        os.unlink(os.path.join(folder, old))
-                        result["backups_pruned"].append(os.path.join(folder, old))
-                write(module, path, after)
-                if p["validate"] and baseline_ok:
-                    check_config(module, p["client"], p["conf_dir"], path, before, result)
-        overriding = later_overrides(p["conf_dir"], path, file_jails) if state != "list" else []
-        if overriding:
-            module.warn("these files are read after %s and set ignoreip, overriding the managed "
-                        "whitelist on the next reload: %s" % (path, ", ".join(overriding)))
-    except Fail2banError as e:
+        run(module, p, client, path, result)
+    except (Fail2banError, TransportError) as e:
         module.fail_json(msg=str(e), **result)
+    finally:
+        client.close()
 
+
+def run(module, p, client, path, result):
+    ip, state = p["ip"], p["state"]
+    jails = client.jails(p["jails"])
+    if p["unban"]:
+        result["banned_in"], result["ban_method"] = client.banned_in(ip, jails)
+    runtime = dict((j, client.ignoreip(j)) for j in jails)
+    runtime_before = dict(runtime)
+    before = read(path)
+    # Sections already in the file stay, even for a jail that is not running now.
+    file_jails = sorted(set(jails) | set(managed_jails(before)))
+    base = base_ignoreip(p["conf_dir"], file_jails, exclude=path)
+    managed = parse_managed(before or "")
+    wanted = list(managed)
+    changes = []  # (jail, client command) for the runtime
+    if state == "present":
+        changes = [(j, "addignoreip") for j in jails if ip not in runtime[j]]
+        in_base_everywhere = all(ip in (base[j] or []) for j in file_jails)
+        if ip not in wanted and not in_base_everywhere:
+            wanted.append(ip)
+    elif state == "absent":
+        wanted = [a for a in wanted if a != ip]
+        result["kept_by_config"] = [j for j in jails if ip in (base[j] or [])]
+        changes = [
+            (j, "delignoreip") for j in jails if ip in runtime[j] and j not in result["kept_by_config"]
+        ]
+    # 1. The runtime whitelist first, so the address cannot be banned again
+    #    between its unban and its whitelisting.
+    for jail, command in changes:
+        result["runtime_changed"].append(jail)
+        if not module.check_mode:
+            runtime[jail] = client.ignoreip_change(jail, command, ip)
+        elif command == "addignoreip":
+            runtime[jail] = runtime[jail] + [ip]
+        else:
+            runtime[jail] = [a for a in runtime[jail] if a != ip]
+    # 2. Then the unban.
+    for jail in result["banned_in"]:
+        if not module.check_mode:
+            client.unban(jail, ip)
+        result["unbanned"].append(jail)
+    # 3. Then the persistent file, validated (check_config).
+    after = before
+    if state != "list" and (before is not None or wanted):
+        after = render_managed(wanted, file_jails, base)
+        managed = wanted
+    if after != before:
+        result["file_changed"] = True
+        if not module.check_mode:
+            if p["backup"] and before is not None:
+                result["backup_file"] = module.backup_local(path)
+                folder, filename = os.path.split(path)
+                for old in backups_to_prune(os.listdir(folder), filename, p["backup_keep"]):
+                    os.unlink(os.path.join(folder, old))
+                    result["backups_pruned"].append(os.path.join(folder, old))
+            write(module, path, after)
+            if p["validate"]:
+                check_config(module, p["client"], p["conf_dir"], path, before, after, result)
+    overriding = later_overrides(p["conf_dir"], path, file_jails) if state != "list" else []
+    if overriding:
+        module.warn("these files are read after %s and set ignoreip, overriding the managed "
+                    "whitelist on the next reload: %s" % (path, ", ".join(overriding)))
+    result["transport"] = client.name
+    result["transport_note"] = result["transport_note"] or getattr(client, "note", "")
     result["changed"] = bool(result["runtime_changed"] or result["file_changed"] or result["unbanned"])
     whitelist = set()
     for entries in runtime.values():
