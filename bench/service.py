@@ -11,7 +11,7 @@ inventory aliases are four MAC servers with their own endpoint files.
   the queue idle.
 - memory: VmRSS of the `athome run` process (from /proc) right after its start
   (baseline), after 1,000 processed emails and after each 1,000 more (growth
-  per 1,000; goal ~0; `--steps` thousands in all, 2 by default). The emails
+  per 1,000; goal ~0; `--steps` thousands in all, 3 by default). The emails
   are the cheap kinds a mailbox gets most: HELP and STATUS answered, bad
   tokens refused (alerts capped), mail the receiving server did not
   authenticate (one alert, capped) and senders not on the whitelist (ignored);
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-jobs", type=int, default=20, help="jobs running during the measure")
     parser.add_argument("--samples", type=int, default=5, help="measured commands per case")
     parser.add_argument("--emails", type=int, default=1000, help="emails per memory step")
-    parser.add_argument("--steps", type=int, default=2, help="memory steps of --emails each")
+    parser.add_argument("--steps", type=int, default=3, help="memory steps of --emails each")
     parser.add_argument("--only", choices=("latency", "memory"), help="one of the two")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # figures only (a new server key is announced, etc.)
