@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-AREAS = ("dispatch", "checkip", "workers", "recordings")
+AREAS = ("dispatch", "checkip", "workers", "service", "recordings")
 # Extra arguments per area when run by `make bench` (cold cache: skipped if not root).
 ARGS = {"recordings": ["--cold"]}
 

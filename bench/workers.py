@@ -1,6 +1,6 @@
-"""Throughput of the parallel workers: queued MACCHANGE jobs across 4 loopback hosts.
+"""Throughput of the parallel workers: 100 queued MACCHANGE jobs across 4 loopback hosts.
 
-    python -m bench.workers [--jobs N] [--workers 1,2,4]
+    python -m bench.workers [--jobs 100] [--workers 1,2,4]
 
 Each host is an inventory alias of ONE real sshd on loopback with its own
 endpoint files (tests.test_macchange_playbook.MacHost). The jobs go straight
@@ -19,6 +19,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tests import servers
 from tests.test_dispatch_commands import REQUESTER, Site
@@ -43,13 +44,12 @@ def job_payload(n: int) -> dict:
     return {"command": "MACCHANGE", "params": params, "command_text": text, "requester": REQUESTER}
 
 
-def measure(sshd: servers.SSHD, base, workers: int, jobs: int) -> tuple[float, int, int]:
-    """Seconds from start to the last job finished, jobs done, jobs failed."""
-    root = base / f"w{workers}"
-    root.mkdir()
+def mac_inventory(sshd: servers.SSHD, root) -> Path:
+    """An inventory of the MAC servers HOSTS under root (fresh endpoint files each), all
+    aliases of one sshd; its hosts.yml."""
     python = servers.target_python()
     macs = {name: MacHost(root, name) for name in HOSTS}
-    inv = servers.write_inventory(
+    return servers.write_inventory(
         root / "inventory" / "hosts.yml",
         {
             "sip_servers": {name: {"audios_from": "audio"} for name in HOSTS},
@@ -59,7 +59,13 @@ def measure(sshd: servers.SSHD, base, workers: int, jobs: int) -> tuple[float, i
         },
         dict(sshd.ansible_vars(), ansible_python_interpreter=python),
     )
-    site = Site(root, inv)
+
+
+def measure(sshd: servers.SSHD, base, workers: int, jobs: int) -> tuple[float, int, int]:
+    """Seconds from start to the last job finished, jobs done, jobs failed."""
+    root = base / f"w{workers}"
+    root.mkdir()
+    site = Site(root, mac_inventory(sshd, root))
     site.cfg.concurrency = workers
     site.cfg.poll_interval = 0.5
     queue = site.dispatcher.jobs
@@ -79,7 +85,7 @@ def measure(sshd: servers.SSHD, base, workers: int, jobs: int) -> tuple[float, i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=40, help="queued jobs per run (default 40)")
+    parser.add_argument("--jobs", type=int, default=100, help="queued jobs per run (default 100)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to run (default 1,2,4)")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
