@@ -90,6 +90,9 @@ class SMTPSettings:
     retry_max_seconds: float = 600.0
 
 
+MAX_WINDOW_DAYS = 91  # RAMAIS windows: below the recordings module's own limit (92 days)
+
+
 @dataclass
 class Config:
     path: Path | None = None
@@ -516,6 +519,10 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
     )
     cmds = data.get("commands") or {}
     cfg.max_window_days = _number(cmds, "max_window_days", cfg.max_window_days, "commands", problems)
+    if not 1 <= cfg.max_window_days <= MAX_WINDOW_DAYS:
+        # The recordings module refuses windows over 92 days: the grammar must refuse first.
+        days = cfg.max_window_days
+        problems.append(f"commands.max_window_days: between 1 and {MAX_WINDOW_DAYS}, not {days}")
     cfg.confirm_minutes = _number(cmds, "confirm_minutes", cfg.confirm_minutes, "commands", problems, float)
     if cfg.confirm_minutes <= 0:
         problems.append("commands.confirm_minutes: must be positive")

@@ -190,3 +190,14 @@ def test_status_says_down_healthy_or_degraded_with_an_exit_code_for_monitoring(c
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert status(cfg)[0] == 2, "stopped: down"
+
+
+def test_a_recordings_window_longer_than_the_module_allows_is_a_config_problem(tmp_path):
+    from dispatcher import config as config_module
+
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.from_dict({"commands": {"max_window_days": 120}}, base=tmp_path)
+    assert any("between 1 and 91, not 120" in p for p in caught.value.problems)
+    with pytest.raises(config_module.ConfigError) as other:  # the rest of this config is missing
+        config_module.from_dict({"commands": {"max_window_days": 91}}, base=tmp_path)
+    assert other.value.problems and not any("max_window_days" in p for p in other.value.problems)
