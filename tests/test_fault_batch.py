@@ -246,7 +246,7 @@ class Batch:
             if path.exists():
                 for line in path.read_text().splitlines():
                     module, key, _ns = line.split()
-                    runs.append((host, module, key))
+                    runs.append((host, module.rsplit(".", 1)[-1], key))  # athome.voip.X -> X
         return runs
 
     def idle(self) -> bool:

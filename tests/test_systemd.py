@@ -406,19 +406,26 @@ def test_ansible_reaches_a_server_over_ssh_under_the_units_restrictions(sshd, fa
         )
         (state / "confine.py").write_text(CONFINE)
         (state / "run").mkdir()
-        # This machine's interpreter may live under /root (pyenv): it is mounted back, read-only,
-        # into the hidden home directories. A deployment's is /usr/bin/python3.
-        prefix = Path(sys.base_prefix).resolve()
-        hidden = [d for d in ("/home", "/root") if Path(d).is_dir()]
-        keep = any(prefix.is_relative_to(d) for d in hidden)
+        # What the probe needs from directories the confinement hides (/home, /root, /tmp): this
+        # machine's interpreter (pyenv, under /root), the venv and the checkout (a clone may
+        # live in /tmp or a home directory) are mounted back, read-only. A deployment's
+        # interpreter is /usr/bin/python3 and its checkout /opt/athome-ops.
+        hidden = [d for d in ("/home", "/root", "/tmp") if Path(d).is_dir()]
+        wanted = sorted({Path(p).resolve() for p in (sys.base_prefix, sys.prefix, REPO)})
+        keep = [
+            p
+            for p in wanted
+            if any(p.is_relative_to(d) for d in hidden)
+            and not any(p != q and p.is_relative_to(q) for q in wanted)
+        ]
         mounts = " && ".join(
             [
                 "mount --make-rprivate /",
                 f"mount --bind {state} {state}",
-                *([f"mkdir {state}/.python", f"mount --bind {prefix} {state}/.python"] if keep else []),
+                *(f"mkdir {state}/.keep{n} && mount --bind {p} {state}/.keep{n}" for n, p in enumerate(keep)),
                 "mount -o remount,bind,ro /",
-                *(f"mount -t tmpfs -o mode=0755 tmpfs {d}" for d in [*hidden, "/tmp"]),
-                *([f"mkdir -p {prefix}", f"mount --bind -o ro {state}/.python {prefix}"] if keep else []),
+                *(f"mount -t tmpfs -o mode=0755 tmpfs {d}" for d in hidden),
+                *(f"mkdir -p {p} && mount --bind -o ro {state}/.keep{n} {p}" for n, p in enumerate(keep)),
                 "mount -t proc -o hidepid=invisible,subset=pid proc /proc",
             ]
         )
