@@ -8,14 +8,19 @@ serves the publish folder, and the S3 ZIP through its presigned URL.
 
 from __future__ import annotations
 
+import grp
 import http.server
 import io
 import json
 import os
+import re
 import shutil
+import stat
+import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from datetime import date, datetime
@@ -261,8 +266,9 @@ def test_limits_exceeded_and_nothing_found_make_no_zip(world):
     report = only_report(big)[1]
     want = rs.expected(CALLS, REQ["extensions"], **YEAR_END)
     assert report["too_many"] is True and report["url"] is None
-    assert report["selected"] == len(want) and report["limits"]["max_files"] == 5
-    assert f"{len(want)} files (limit 5)" in report["message"] and "narrower window" in report["message"]
+    # The scan stopped at the 6th match (max_files + 1) instead of collecting all of them.
+    assert len(want) > 6 and report["selected"] == 6 and report["limits"]["max_files"] == 5
+    assert "more than 5 files (the limit)" in report["message"] and "narrower window" in report["message"]
     assert len(report["files"]) == 3 and report["files_capped"] is True
     empty = world.run("req-empty", {"start": "2025-06-01 00:00", "end": "2025-06-02 23:59"})
     assert empty.succeeded, empty.to_dict()
@@ -370,8 +376,11 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     data = fetch(report["url"])
     check_zip(data, want)
     assert http_status(report["url"].replace("X-Amz-Signature=", "X-Amz-Signature=0")) == 403
-    assert http_status(report["url"].replace("req-flip.zip", "req-flop.zip")) == 403
-    stored = world.s3.client().head_object(Bucket=RESULTS, Key="ramais/req-flip.zip")
+    # The result key has a random part: <prefix><request_id>-<16 hex>.zip.
+    key = urllib.parse.urlsplit(report["url"]).path.split(f"/{RESULTS}/", 1)[1]
+    assert re.fullmatch(r"ramais/req-flip-[0-9a-f]{16}\.zip", key), key
+    assert http_status(report["url"].replace(key, "ramais/req-flip-0000000000000000.zip")) == 403
+    stored = world.s3.client().head_object(Bucket=RESULTS, Key=key)
     assert stored["ContentLength"] == len(data)
 
     # a short expiry: the same selection is not uploaded again, the new link dies after 1 s
@@ -379,7 +388,7 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     short = world.run("req-flip", MONTH_END)
     assert short.succeeded and short.hosts["localhost"].status == "ok", short.to_dict()
     url = only_report(short)[1]["url"]
-    assert url != report["url"]
+    assert url != report["url"] and f"/{RESULTS}/{key}?" in url  # the same object, a new link
     # the link expires 1 s after signing: wait for it, bounded
     servers.wait_for(lambda: http_status(url) == 403, "the short link to expire", timeout=30)
     assert http_status(report["url"]) == 200
@@ -392,6 +401,23 @@ def test_routing_flips_by_inventory_and_s3_route_serves_a_presigned_zip(world):
     assert http_status(report["url"]) == 404
     left = world.s3.client().list_objects_v2(Bucket=RESULTS, Prefix="ramais/req-flip").get("KeyCount")
     assert left == 0
+
+    # A lifecycle rule on the results prefix (SeaweedFS stores it; that S3 then deletes on time
+    # is S3's part, days away): set beside the bucket's other rules, then left alone.
+    client = world.s3.client()
+    other = {"ID": "someone-else", "Filter": {"Prefix": "logs/"}, "Status": "Enabled"}
+    other["Expiration"] = {"Days": 30}
+    client.put_bucket_lifecycle_configuration(Bucket=RESULTS, LifecycleConfiguration={"Rules": [other]})
+    world.write_inventory(gv1p_from="s3", gv1p={"recordings_s3_results_lifecycle_days": 5})
+    empty_window = {"start": "2025-01-30 00:00", "end": "2025-01-30 23:59"}
+    ruled = world.run("req-rule", empty_window)
+    assert ruled.succeeded and ruled.hosts["localhost"].status == "changed", ruled.to_dict()
+    rules = {r["ID"]: r for r in client.get_bucket_lifecycle_configuration(Bucket=RESULTS)["Rules"]}
+    assert rules["someone-else"]["Filter"] == {"Prefix": "logs/"}
+    assert rules["athome-results-expiry"]["Filter"] == {"Prefix": "ramais/"}
+    assert rules["athome-results-expiry"]["Expiration"] == {"Days": 5}
+    again = world.run("req-rule", empty_window)
+    assert again.succeeded and again.hosts["localhost"].status == "ok", again.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -459,3 +485,90 @@ def test_bad_requests_fail_before_any_work(world, override, message):
     assert message in " ".join(result.hosts["localhost"].errors), result.to_dict()
     assert "audio" not in result.hosts
     assert world.published() == before
+
+
+# --------------------------------------------------- permissions, expiry, per-server trees
+
+
+def test_published_zips_are_closed_to_others_and_expire_without_a_new_run(world):
+    """Folder 0750 and ZIP 0640 in the web server's group; the cron entry the role installs on
+    the recordings host removes ZIPs past their age when its command runs, with no new request."""
+    cron_file = world.base / "cron.d" / "athome-recordings-expiry"
+    cron_file.parent.mkdir(exist_ok=True)
+    publish = world.base / "www" / "closed"
+    world.write_inventory(
+        audio={
+            "recordings_publish_dir": str(publish),
+            "recordings_publish_base_url": f"http://127.0.0.1:{world.http_port}/closed",
+            "recordings_publish_group": "www-data",
+            "recordings_publish_expiry_cron_file": str(cron_file),
+        }
+    )
+    result = world.run("req-perm", YEAR_END)
+    assert result.succeeded, result.to_dict()
+    report = only_report(result)[1]
+    zip_path = publish / report["url"].rsplit("/", 1)[1]
+    www_data = grp.getgrnam("www-data").gr_gid
+    for path, mode in ((publish, 0o750), (zip_path, 0o640), (publish / "index.html", 0o640)):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, www_data), path
+    check_zip(fetch(report["url"]), rs.expected(CALLS, REQ["extensions"], **YEAR_END))
+
+    lines = [
+        ln for ln in cron_file.read_text().splitlines() if ln and not ln.startswith("#") and "=" not in ln
+    ]
+    assert len(lines) == 1 and stat.S_IMODE(cron_file.stat().st_mode) == 0o644
+    minute, hour, dom, month, dow, user, command = lines[0].split(None, 6)
+    assert (minute, hour, dom, month, dow, user) == ("*/10", "*", "*", "*", "*", "root")
+    assert "-mmin +4320" in command  # recordings_publish_max_age_days: 3
+
+    old = publish / "old-1111111111111111.zip"
+    old_part = publish / ".old-2222222222222222.zip.part"
+    for path in (old, old_part):
+        path.write_bytes(b"old")
+        os.utime(path, (time.time() - 3 * 86400 - 120,) * 2)
+    young = publish / "young-3333333333333333.zip"
+    young.write_bytes(b"young")
+    os.utime(young, (time.time() - 3 * 86400 + 600,) * 2)
+    # What cron would run (the same shell and PATH as the file sets).
+    subprocess.run(["/bin/sh", "-c", command], env={"PATH": "/usr/bin:/bin"}, check=True, timeout=60)
+    assert not old.exists() and not old_part.exists()
+    assert young.exists() and zip_path.exists() and (publish / "index.html").exists()
+    # Installed once: a second run leaves the file as it is.
+    again = world.run("req-perm", YEAR_END)
+    assert again.succeeded and again.hosts["audio"].status == "ok", again.to_dict()
+
+
+def test_each_server_can_have_its_own_tree_on_the_recordings_host(world):
+    """gv1p and gv2p share extension numbers; with recordings_root in each server's host vars a
+    request for one never returns the other's calls. A server without one uses the host's tree."""
+    day = [date(2025, 3, 10)]
+    trees = {"gv1p": rs.generate_calls(day, 60, seed=101), "gv2p": rs.generate_calls(day, 60, seed=202)}
+    for name, calls in trees.items():
+        rs.write_tree(world.base / f"tree-{name}", calls, "dated")
+    window = {"start": "2025-03-10 00:00", "end": "2025-03-10 23:59"}
+    inv = world.write_inventory(gv1p={"recordings_root": str(world.base / "tree-gv1p")})
+    data = yaml.safe_load(inv.read_text())
+    data["all"]["children"]["sip_servers"]["hosts"]["gv2p"] = {
+        "ansible_host": "127.0.0.1",
+        "audios_from": "audio",
+        "recordings_root": str(world.base / "tree-gv2p"),
+    }
+    data["all"]["children"]["sip_servers"]["hosts"]["gv3p"] = {
+        "ansible_host": "127.0.0.1",
+        "audios_from": "audio",
+    }
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    for name, calls in trees.items():
+        want = rs.expected(calls, REQ["extensions"], **window)
+        other = rs.expected(trees["gv2p" if name == "gv1p" else "gv1p"], REQ["extensions"], **window)
+        assert want and other and {c.name for c in want}.isdisjoint(c.name for c in other)
+        res = world.run(f"req-tree-{name}", window, server=name)
+        assert res.succeeded, res.to_dict()
+        report = only_report(res)[1]
+        assert report["server"] == name
+        check_counts(report, want, REQ["extensions"])
+        check_zip(fetch(report["url"]), want)
+    # gv3p has no tree of its own: the recordings host's (tree-dated) has no calls that day.
+    res = world.run("req-tree-gv3p", window, server="gv3p")
+    assert res.succeeded and only_report(res)[1]["nothing_found"] is True, res.to_dict()

@@ -325,3 +325,80 @@ def test_a_symlink_named_like_a_recording_is_never_followed(tmp_path):
 # ------------------------------------------------------------- old interpreters
 # The same helpers on Python 2.7 and 3.6: the collection's tests/unit/plugins/module_utils/
 # test_recordings.py, run by `ansible-test units` (make units) on 2.7, 3.6 and this Python.
+
+
+# ------------------------------------------------------------- safe links, limits
+
+
+def _swap_tree(tmp_path):
+    """A small dated tree of real files, a selection over it, and a root-only secret outside it."""
+    calls = rs.generate_calls([date(2025, 11, 4)], 20, seed=5)
+    rs.write_tree(tmp_path / "tree", calls, "dated")
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(b"TOP-SECRET-" * 100)
+    secret.chmod(0o600)
+    sel = H.select_local(
+        str(tmp_path / "tree"), matcher(["1121", "1122", "3001"], "2025-11-04 00:00", "2025-11-04 23:59")
+    )
+    assert sel.selected >= 2
+    return sel, secret
+
+
+@pytest.mark.parametrize("swap", ["symlink", "hardlink", "symlinked-day-folder"])
+def test_a_recording_swapped_after_selection_never_puts_its_target_in_the_zip(tmp_path, swap):
+    """Between the selection and the ZIP, a selected recording is replaced (real files): by a
+    symlink to a root-only file, by a hard link to it, or its whole day folder by a symlink to
+    a folder holding a same-named link. The ZIP fails; the target's bytes are in no file."""
+    sel, secret = _swap_tree(tmp_path)
+    victim = Path(sel.items[-1]["source"])
+    if swap == "symlink":
+        victim.unlink()
+        victim.symlink_to(secret)
+    elif swap == "hardlink":
+        victim.unlink()
+        os.link(secret, victim)
+    else:
+        day = victim.parent
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        for f in day.iterdir():
+            os.link(secret, elsewhere / f.name)
+        day.rename(tmp_path / "moved-day")
+        day.symlink_to(elsewhere)
+    dest = tmp_path / "out.zip"
+    with pytest.raises(H.RecordingsError, match="nothing was published"):
+        H.write_local_zip(sel, str(dest), "stored")
+    assert b"TOP-SECRET" not in (dest.read_bytes() if dest.exists() else b"")
+
+
+def test_the_zip_reads_the_selected_file_even_if_its_name_is_swapped_while_open(tmp_path):
+    """Zipping from the descriptor: once open_selected has the file, a swap of its name no longer
+    matters; what is zipped is the selected recording."""
+    sel, secret = _swap_tree(tmp_path)
+    item = sel.items[0]
+    body = Path(item["source"]).read_bytes()
+    fd, st = H.open_selected(item)
+    try:
+        os.unlink(item["source"])
+        os.symlink(secret, item["source"])
+        with zipfile.ZipFile(tmp_path / "one.zip", "w") as zf:
+            H._zip_from_fd(zf, fd, st, item["path"])
+    finally:
+        os.close(fd)
+    with zipfile.ZipFile(tmp_path / "one.zip") as zf:
+        assert zf.read(item["path"]) == body
+
+
+def test_selection_stops_at_max_files_plus_one(trees):
+    exts, start, end = ["112", "1121"], "2024-12-30 00:00", "2025-01-01 23:59"
+    whole = H.select_local(str(trees / "dated"), matcher(exts, start, end))
+    assert whole.selected > 4 and not whole.stopped
+    sel = H.select_local(str(trees / "dated"), matcher(exts, start, end), max_files=3)
+    assert sel.stopped and sel.selected == 4 and sel.scanned < whole.scanned
+    assert "more than 3 files (the limit)" in sel.over_limits(3, 0)
+    by_bytes = H.select_local(str(trees / "dated"), matcher(exts, start, end), max_bytes=1)
+    assert by_bytes.stopped and by_bytes.selected == 1
+    assert "more than 1 B (the limit)" in by_bytes.over_limits(0, 1)
+    fits = H.select_local(str(trees / "dated"), matcher(exts, start, end), max_files=whole.selected)
+    assert not fits.stopped and fits.selected == whole.selected
+    assert fits.over_limits(whole.selected, 0) is None

@@ -21,7 +21,10 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
+import sys
+import time
 import zipfile
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -240,8 +243,11 @@ class Selection(object):
         self.scanned = 0
         self.dirs_listed = 0
         self.list_calls = 0
+        self.stopped = False  # the scan stopped early: already over a limit
+        self._bytes = 0
 
-    def add(self, path, name, size, stamp, matched, suffix, mtime=None, source=None):
+    def add(self, path, name, size, stamp, matched, suffix, mtime=None, source=None, identity=None):
+        """identity: (st_dev, st_ino) of a local file, checked again when it is zipped."""
         self.items.append(
             {
                 "path": path,
@@ -252,8 +258,15 @@ class Selection(object):
                 "suffix": suffix,
                 "mtime": mtime,
                 "source": source,
+                "identity": identity,
             }
         )
+        self._bytes += int(size)
+
+    def over(self, max_files, max_bytes):
+        """True once the items exceed a limit (0: no limit): the scan can stop there."""
+        return bool((max_files and len(self.items) > int(max_files))
+                    or (max_bytes and self._bytes > int(max_bytes)))
 
     def sort(self):
         self.items.sort(key=lambda i: (i["stamp"], i["path"]))
@@ -291,9 +304,15 @@ class Selection(object):
         """A message when the selection exceeds a limit, else None."""
         reasons = []
         if max_files and self.selected > int(max_files):
-            reasons.append("%d files (limit %d)" % (self.selected, int(max_files)))
+            if self.stopped:  # the scan stopped at max_files + 1
+                reasons.append("more than %d files (the limit)" % int(max_files))
+            else:
+                reasons.append("%d files (limit %d)" % (self.selected, int(max_files)))
         if max_bytes and self.bytes > int(max_bytes):
-            reasons.append("%s (limit %s)" % (human_bytes(self.bytes), human_bytes(int(max_bytes))))
+            if self.stopped:
+                reasons.append("more than %s (the limit)" % human_bytes(int(max_bytes)))
+            else:
+                reasons.append("%s (limit %s)" % (human_bytes(self.bytes), human_bytes(int(max_bytes))))
         if not reasons:
             return None
         return "too many recordings for one link: %s; ask for a narrower window or fewer extensions" % (
@@ -301,11 +320,13 @@ class Selection(object):
         )
 
 
-def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT):
+def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT, max_files=0, max_bytes=0):
     """Scan a local tree; in a dated tree only the day folders of the window.
 
     os.listdir (names only) is the cheapest listing on 2.7 and 3.x alike;
-    only the names that match are stat()ed.
+    only the names that match are stat()ed. With max_files / max_bytes the scan
+    stops at the first match past a limit (max_files + 1 files): nothing will be
+    zipped then, and the selection says so (stopped, over_limits).
     """
     if layout not in ("dated", "flat"):
         raise RecordingsError("layout must be 'dated' or 'flat', not %r" % (layout,))
@@ -338,7 +359,12 @@ def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT):
             if not stat.S_ISREG(st.st_mode):
                 continue
             rel = rel_dir + "/" + name if rel_dir else name
-            sel.add(rel, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime, source=full)
+            sel.add(rel, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime, source=full,
+                    identity=(st.st_dev, st.st_ino))
+            if sel.over(max_files, max_bytes):
+                sel.stopped = True
+                sel.sort()
+                return sel
     sel.sort()
     return sel
 
@@ -353,17 +379,74 @@ def zip_date_time(stamp):
     return values if values[0] >= 1980 else (1980, 1, 1, 0, 0, 0)
 
 
+def open_selected(item):
+    """A read-only descriptor of a selected file that is still the file that was selected.
+
+    The tree is written by Asterisk and served over the web: between the selection and
+    the ZIP a recording may be swapped for a symlink (or a hard link) to any file root
+    can read. O_NOFOLLOW refuses a symlink in the last component, and fstat on the
+    open descriptor must show a regular file with the device and inode seen at
+    selection time; only that descriptor is read afterwards."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(item["source"], flags)
+    except OSError as exc:
+        raise RecordingsError("%s changed between selection and zipping (%s); nothing was published"
+                              % (item["path"], os.strerror(exc.errno)))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (
+        item.get("identity") is not None and (st.st_dev, st.st_ino) != tuple(item["identity"])
+    ):
+        os.close(fd)
+        raise RecordingsError("%s is no longer the file that was selected; nothing was published" % item["path"])
+    return fd, st
+
+
+def _zip_from_fd(zf, fd, st, arcname):
+    """Add the open file fd to zf under arcname, read from that descriptor only.
+
+    Python 3.6+ streams it through ZipFile.open(..., "w"). Python 2.7 has no streaming
+    writer (writestr needs the whole file in memory), so zipfile reads it through
+    /proc/self/fd/N, which reopens the descriptor's own file whatever its path has become."""
+    zinfo = zipfile.ZipInfo(arcname, time.localtime(st.st_mtime)[0:6])
+    if zinfo.date_time[0] < 1980:
+        zinfo.date_time = (1980, 1, 1, 0, 0, 0)
+    zinfo.external_attr = (st.st_mode & 0xFFFF) << 16
+    zinfo.compress_type = zf.compression
+    zinfo.file_size = st.st_size
+    if sys.version_info >= (3, 6):
+        src = os.fdopen(os.dup(fd), "rb")
+        try:
+            dst = zf.open(zinfo, "w", force_zip64=st.st_size > zipfile.ZIP64_LIMIT // 2)
+            try:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        return
+    proc = "/proc/self/fd/%d" % fd
+    if not os.path.exists(proc):
+        raise RecordingsError("no /proc/self/fd here: cannot zip from a descriptor on Python 2")
+    zf.write(proc, arcname)
+
+
 def write_local_zip(selection, dest, compression="stored", comment=None):
     """Stream the selected local files into a ZIP at dest (ZIP64 when needed).
 
-    zipfile copies each file in small chunks, so memory stays flat whatever
-    the sizes; allowZip64 must be explicit on Python 2.7.
+    Each file is opened with open_selected (no symlink, same inode as selected) and
+    zipped from that descriptor; zipfile copies in chunks, so memory stays flat
+    whatever the sizes; allowZip64 must be explicit on Python 2.7.
     """
     method = COMPRESSIONS[compression]
     zf = zipfile.ZipFile(dest, "w", method, True)
     try:
         for item in selection.items:
-            zf.write(item["source"], item["path"])
+            fd, st = open_selected(item)
+            try:
+                _zip_from_fd(zf, fd, st, item["path"])
+            finally:
+                os.close(fd)
         if comment:
             zf.comment = comment.encode("ascii")
     finally:

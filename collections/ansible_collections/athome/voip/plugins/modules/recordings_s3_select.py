@@ -45,7 +45,10 @@ options:
     choices: [auto, days, range]
     default: auto
   request_id:
-    description: Request id; names the result object C(<results_prefix><request_id>.zip).
+    description:
+      - Request id; names the result object C(<results_prefix><request_id>-<16 hex>.zip). The random part
+        keeps result keys unguessable from the request id (a bucket policy or a leaked listing must not
+        lead to another request's recordings).
   results_bucket:
     description: Bucket receiving the ZIPs.
     type: str
@@ -57,6 +60,13 @@ options:
   results_max_age_days:
     description: Remove result ZIPs under O(results_prefix) older than this many days (fractions allowed; 0 keeps them).
     type: float
+    default: 0
+  results_lifecycle_days:
+    description:
+      - When above 0, make sure the results bucket has a lifecycle rule (ID C(athome-results-expiry)) that
+        expires objects under O(results_prefix) after this many days, so links expire on S3's side without
+        a new run; other rules of the bucket are kept. 0 leaves the bucket's lifecycle alone.
+    type: int
     default: 0
   expiry:
     description: Lifetime of the presigned URL in seconds (SigV4 allows at most 7 days).
@@ -119,6 +129,10 @@ expires:
   description: When RV(url) stops working (UTC, ISO 8601).
   type: str
   returned: always
+lifecycle_changed:
+  description: Whether the results lifecycle rule was (would be) set or changed.
+  type: bool
+  returned: always
 results_key:
   description: Key of the ZIP in O(results_bucket).
   type: str
@@ -166,6 +180,7 @@ results_removed:
   returned: always
 """
 
+import binascii
 import os
 import re
 import tempfile
@@ -298,14 +313,46 @@ def write_s3_zip(client, bucket, selection, dest, compression, comment):
         zf.comment = comment.encode("ascii")
 
 
+LIFECYCLE_ID = "athome-results-expiry"
+
+
+def ensure_lifecycle(client, bucket, prefix, days, check_mode):
+    """Our expiry rule on the results prefix, beside the bucket's other rules; True if changed."""
+    try:
+        rules = client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", [])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    ours = {"ID": LIFECYCLE_ID, "Filter": {"Prefix": prefix}, "Status": "Enabled", "Expiration": {"Days": days}}
+    current = [r for r in rules if r.get("ID") == LIFECYCLE_ID]
+    if len(current) == 1 and current[0].get("Filter") == ours["Filter"] and \
+            current[0].get("Expiration") == ours["Expiration"] and current[0].get("Status") == "Enabled":
+        return False
+    if not check_mode:
+        others = [r for r in rules if r.get("ID") != LIFECYCLE_ID]
+        client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": others + [ours]})
+    return True
+
+
+def request_results(client, bucket, prefix, request_id):
+    """Result keys of this request id (<prefix><request_id>-<16 hex>.zip), oldest first."""
+    rx = re.compile(r"^%s%s-[0-9a-f]{16}\.zip$" % (re.escape(prefix), re.escape(request_id)))
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + request_id + "-"):
+        found += [(o["LastModified"], o["Key"]) for o in page.get("Contents", []) if rx.match(o["Key"])]
+    return [key for _when, key in sorted(found)]
+
+
 def remove_old_results(client, bucket, prefix, max_age_days, keep, check_mode):
+    """Delete result ZIPs older than max_age_days under prefix, except the keys in keep."""
     cutoff = time.time() - max_age_days * 86400
     removed = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         old = [
             {"Key": o["Key"]}
             for o in page.get("Contents", [])
-            if o["Key"] != keep and o["Key"].endswith(".zip") and o["LastModified"].timestamp() < cutoff
+            if o["Key"] not in keep and o["Key"].endswith(".zip") and o["LastModified"].timestamp() < cutoff
         ]
         if old and not check_mode:
             client.delete_objects(Bucket=bucket, Delete={"Objects": old, "Quiet": True})
@@ -322,6 +369,7 @@ def main():
         results_bucket=dict(type="str", required=True),
         results_prefix=dict(type="str", default=""),
         results_max_age_days=dict(type="float", default=0),
+        results_lifecycle_days=dict(type="int", default=0),
         expiry=dict(type="int", default=259200),
         endpoint_url=dict(type="str", default=""),
         region=dict(type="str", default="us-east-1"),
@@ -337,7 +385,7 @@ def main():
     result = dict(
         changed=False, url=None, expires=None, results_key=None, too_many=False, nothing_found=False,
         criteria=echo, list_calls=0, dirs_listed=0, scanned=0, selected=0, bytes=0, per_extension={},
-        per_extension_bytes={}, files=[], files_capped=False, results_removed=0,
+        per_extension_bytes={}, files=[], files_capped=False, results_removed=0, lifecycle_changed=False,
     )
     if not 1 <= p["expiry"] <= 604800:
         module.fail_json(msg="expiry must be between 1 second and 7 days (604800)", **result)
@@ -355,7 +403,8 @@ def main():
         module.fail_json(msg="name_pattern is not a valid regular expression: %s" % exc, **result)
 
     prefix = with_slash(p["prefix"])
-    results_key = with_slash(p["results_prefix"]) + p["request_id"] + ".zip"
+    results_prefix = with_slash(p["results_prefix"])
+    results_key = None
     what = "extensions %s between %s and %s" % (", ".join(extensions), p["start"], p["end"])
     try:
         session = boto3.session.Session(profile_name=p["profile"] or None)
@@ -371,12 +420,17 @@ def main():
         result.update(summary(selection, extensions, p["files_cap"]))
         result["list_calls"] = selection.list_calls
         result["dirs_listed"] = selection.dirs_listed
+        if p["results_lifecycle_days"] > 0:
+            result["lifecycle_changed"] = ensure_lifecycle(
+                client, p["results_bucket"], results_prefix, p["results_lifecycle_days"], module.check_mode
+            )
+        previous = request_results(client, p["results_bucket"], results_prefix, p["request_id"])
         if p["results_max_age_days"] > 0:
             result["results_removed"] = remove_old_results(
-                client, p["results_bucket"], with_slash(p["results_prefix"]), p["results_max_age_days"],
-                results_key, module.check_mode,
+                client, p["results_bucket"], results_prefix, p["results_max_age_days"],
+                set(previous), module.check_mode,
             )
-            result["changed"] = result["results_removed"] > 0
+        result["changed"] = result["results_removed"] > 0 or result["lifecycle_changed"]
 
         if not selection.items:
             result["nothing_found"] = True
@@ -389,14 +443,21 @@ def main():
             module.exit_json(**result)
 
         digest = selection.digest()
+        present = False
+        for key in reversed(previous):  # the newest result of this request with this selection
+            try:
+                head = client.head_object(Bucket=p["results_bucket"], Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue
+            if head.get("Metadata", {}).get(META_KEY) == digest:
+                present, results_key = True, key
+                break
+        if not present:
+            token = binascii.hexlify(os.urandom(8)).decode("ascii")
+            results_key = "%s%s-%s.zip" % (results_prefix, p["request_id"], token)
         result["results_key"] = results_key
-        try:
-            head = client.head_object(Bucket=p["results_bucket"], Key=results_key)
-            present = head.get("Metadata", {}).get(META_KEY) == digest
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            present = False
         if not present:
             result["changed"] = True
             if module._diff:
@@ -418,6 +479,10 @@ def main():
                     )
                 finally:
                     os.unlink(tmp)
+                # An older selection under the same request id.
+                stale = [{"Key": k} for k in previous if k != results_key]
+                if stale:
+                    client.delete_objects(Bucket=p["results_bucket"], Delete={"Objects": stale, "Quiet": True})
         if present or not module.check_mode:
             now = time.time()
             result["url"] = client.generate_presigned_url(

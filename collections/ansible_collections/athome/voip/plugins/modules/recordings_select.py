@@ -22,6 +22,11 @@ description:
   - The selection is streamed into a ZIP (bounded memory, ZIP64 when needed) published in O(publish_dir)
     under an unguessable name, and the module returns its URL under O(base_url).
   - Above O(max_files) or O(max_bytes) nothing is zipped and RV(too_many) says why; a ZIP is never truncated.
+    The scan stops at the first file past a limit (O(max_files) + 1 files).
+  - Every selected file is opened with C(O_NOFOLLOW), checked with C(fstat) to be the regular file (same
+    device and inode) that was selected, and zipped from that descriptor, so a recording swapped for a
+    symlink or a link to another file between selection and zipping fails the run instead of putting
+    that file into the ZIP.
   - Running again with the same O(request_id) and the same selection reuses the ZIP (not changed).
 version_added: "1.0.0"
 author: athome-ops (@athome-ops)
@@ -41,9 +46,12 @@ options:
     type: str
     required: true
   mode:
-    description: Mode of the published ZIP.
+    description: Mode of the published ZIP (readable by O(group), the web server's, and by no one else).
     type: raw
-    default: "0644"
+    default: "0640"
+  group:
+    description: Group of the published ZIP (the web server's); unset keeps the default group.
+    type: str
   expires_after:
     description: Seconds after which the playbook removes a published ZIP (reported as RV(expires)); 0 for none.
     type: int
@@ -184,7 +192,8 @@ def main():
         root=dict(type="path", required=True),
         publish_dir=dict(type="path", required=True),
         base_url=dict(type="str", required=True),
-        mode=dict(type="raw", default="0644"),
+        mode=dict(type="raw", default="0640"),
+        group=dict(type="str"),
         expires_after=dict(type="int", default=0),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
@@ -203,7 +212,9 @@ def main():
         matcher = NameMatcher(
             extensions, window, p["name_pattern"] or DEFAULT_PATTERN, p["extension_fields"], p["suffixes"]
         )
-        selection = select_local(p["root"], matcher, p["layout"], p["dir_format"])
+        selection = select_local(
+            p["root"], matcher, p["layout"], p["dir_format"], max_files=p["max_files"], max_bytes=p["max_bytes"]
+        )
     except RecordingsError as exc:
         module.fail_json(msg=str(exc), **result)
     except re.error as exc:
@@ -247,6 +258,8 @@ def main():
             try:
                 write_local_zip(selection, tmp, p["compression"], comment)
                 module.set_mode_if_different(tmp, p["mode"], False)
+                if p["group"]:
+                    module.set_group_if_different(tmp, p["group"], False)
                 os.rename(tmp, path)
             except Exception as exc:
                 if os.path.exists(tmp):

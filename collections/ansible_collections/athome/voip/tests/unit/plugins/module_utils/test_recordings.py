@@ -83,3 +83,42 @@ def test_selection_argument_spec_is_a_fresh_copy_each_time():
     assert second["extension_fields"]["default"] == h.DEFAULT_EXTENSION_FIELDS
     assert second["suffixes"]["default"] == h.DEFAULT_SUFFIXES
     assert h.DEFAULT_EXTENSION_FIELDS["in"] == ["dst"]
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("swap", ["symlink", "hardlink"])
+def test_a_recording_swapped_after_selection_is_not_zipped_on_this_interpreter(tmpdir, swap):
+    """O_NOFOLLOW + fstat identity on 2.7 (zipped through /proc/self/fd) and 3.x (streamed from
+    the descriptor): a selected file replaced by a link to a root-only file fails the ZIP."""
+    root = str(tmpdir.mkdir("tree"))
+    make_tree(root, "dated")
+    secret = tmpdir.join("secret.key")
+    secret.write_binary(b"TOP-SECRET-" * 50)
+    sel = h.select_local(root, h.NameMatcher(["112", "1121"], h.Window("2024-12-31 22:00", "2025-01-01 02:00")))
+    clean = str(tmpdir.join("clean.zip"))
+    h.write_local_zip(sel, clean, "stored")
+    with zipfile.ZipFile(clean) as z:
+        assert [z.read(n) for n in z.namelist()] == [read_bytes(i["source"]) for i in sel.items]
+    victim = sel.items[0]["source"]
+    os.unlink(victim)
+    if swap == "symlink":
+        os.symlink(str(secret), victim)
+    else:
+        os.link(str(secret), victim)
+    dest = str(tmpdir.join("out.zip"))
+    with pytest.raises(h.RecordingsError):
+        h.write_local_zip(sel, dest, "stored")
+    assert b"TOP-SECRET" not in read_bytes(dest)
+
+
+def test_selection_stops_past_max_files(tmpdir):
+    root = str(tmpdir.mkdir("tree"))
+    make_tree(root, "flat")
+    window = h.Window("2024-12-31 22:00", "2025-01-01 02:00")
+    sel = h.select_local(root, h.NameMatcher(["112", "1121"], window), "flat", max_files=1)
+    assert sel.stopped and sel.selected == 2
+    assert "more than 1 files" in sel.over_limits(1, 0)
