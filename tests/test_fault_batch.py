@@ -94,6 +94,7 @@ class Gate:
         self.arrived = 0
         self.passed = 0  # accepted: the sink records them
         self.holding = False
+        self.released = threading.Event()
         self.trigger_at: int | None = None
         self.triggered = threading.Event()
 
@@ -101,14 +102,22 @@ class Gate:
         self.arrived += 1
         if self.trigger_at is not None and self.arrived >= self.trigger_at:
             self.trigger_at = None
-            self.holding = True
+            self.hold()
             self.triggered.set()
         if not self.holding:
             self.passed += 1
             return None
-        while self.holding:
-            await asyncio.sleep(0.01)
+        # Held until the test lets go (`release`): a wait on that event, not a poll.
+        await asyncio.get_running_loop().run_in_executor(None, self.released.wait, 900)
         return "451 4.3.0 the sender went away before this was accepted (test)"
+
+    def hold(self) -> None:
+        self.released.clear()
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        self.released.set()
 
 
 class Batch:
@@ -316,7 +325,7 @@ class Service:
 
     def kill(self) -> None:
         gate = self.batch.gate
-        gate.holding = True  # nothing new is accepted from here on
+        gate.hold()  # nothing new is accepted from here on
         servers.wait_for(
             lambda: len(self.batch.sink.messages) >= gate.passed and not self.batch.unsent_but_accepted(),
             "the replies the sink accepted to be noted as sent",
@@ -339,7 +348,7 @@ class Service:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         servers.wait_for(lambda: all(gone(p) for p in below), "the killed service's processes to go")
-        gate.holding = False  # the held messages are refused: their sender is gone
+        gate.release()  # the held messages are refused: their sender is gone
         gate.triggered.clear()
 
     def stop(self) -> None:
