@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -363,9 +364,28 @@ class DirQueue:
         job.note("waiting", **detail)
         self._move(job, job.state, "waiting", "wait")
 
+    @contextlib.contextmanager
+    def waiting(self, job_id: str) -> Iterator[Job | None]:
+        """The job if it still waits for its confirmation (else None), held for the block.
+
+        A confirmation (`resume`) and the expiry sweep (`finish`) both take a job out of
+        waiting/; each does it inside this block, under one exclusive flock shared by every
+        process, so only one of them can: the other finds the record gone."""
+        fd = os.open(self.root / "waiting.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                job = self._read("waiting", job_id)
+            except FileNotFoundError:
+                job = None
+            yield job
+        finally:
+            os.close(fd)
+
     def resume(self, job: Job, **detail: Any) -> None:
         """A confirmed job goes back to the queue to run for real (waiting/ -> pending/),
-        with a fresh set of attempts. Only one caller can win: the record leaves waiting/."""
+        with a fresh set of attempts. Call it inside `waiting(job.id)`, so a sweep that
+        expires the job at the same moment cannot also take it."""
         job.attempts, job.not_before, job.result = 0, 0.0, None
         job.note("confirmed", **detail)
         self._move(job, "waiting", "pending", "resume")

@@ -541,9 +541,10 @@ class Dispatcher:
         marker = self._marker(msg)
         decided = marker.with_name(f"{marker.name}.decided")
         try:
-            request_id = json.loads(marker.read_text())["request_id"]
+            noted = json.loads(marker.read_text())
+            request_id, confirmed_id = noted["request_id"], noted.get("confirms")
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            request_id = None
+            request_id = confirmed_id = None
         if request_id and decided.exists():
             # The same message again (delivered twice, copied back, replayed): handled once.
             log.warning("ignored message uid %s: a copy of request %s, already handled", msg.uid, request_id)
@@ -557,12 +558,19 @@ class Dispatcher:
         logs.set_request_id(request_id)
         _crash_point("intake-after-marker")
         job = self.jobs.find(request_id)
+        confirmed = self._confirmed_by(confirmed_id, request_id)
         if job is not None:
             # Queued before a crash: only its confirmation may be missing. The decision
             # taken now is not used: it could refuse (a Date grown stale) what was accepted.
             self._queue_ack(job, msg)
             outcome = "queued"
             audit = {"reason": "confirmed again after a crash", "command": job.payload["command_text"]}
+        elif confirmed is not None:
+            # A CONFIRMAR that took its job out of waiting/ before a fault: its code is spent
+            # now, so deciding again would answer "not accepted" while the job runs.
+            self._queue_ack(confirmed, msg, confirmed=True)
+            outcome = "queued"
+            audit = {"reason": "confirmation acknowledged again after a fault", "job": confirmed.id}
         else:
             outcome, audit = self._execute(msg, request_id, decision)
         self._audit_message(msg, sender, request_id, outcome, **audit)
@@ -583,12 +591,22 @@ class Dispatcher:
             **fields,
         )
 
-    def _write_marker(self, marker: Path, request_id: str) -> None:
+    def _confirmed_by(self, job_id: str | None, request_id: str) -> Job | None:
+        """The job this CONFIRMAR message (request_id) took out of waiting/, if it did."""
+        if not job_id:
+            return None
+        job = self.jobs.find(job_id)
+        if job is None or job.state == "waiting":
+            return None  # noted, then the fault came before the resume: decide it again
+        done = any(h.get("event") == "confirmed" and h.get("by") == request_id for h in job.history)
+        return job if done else None
+
+    def _write_marker(self, marker: Path, request_id: str, **extra: str) -> None:
         """The request id, durably: every later write is idempotent by it."""
         tmp = marker.with_name(f".{marker.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, json.dumps({"request_id": request_id, "at": time.time()}).encode())
+            os.write(fd, json.dumps({"request_id": request_id, "at": time.time(), **extra}).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -617,11 +635,16 @@ class Dispatcher:
         if d.action is A.BAD_TOKEN:
             return self._refuse_token(msg, request_id, d), audit
         if d.action is A.CONFIRM:
-            job = self.jobs.find(d.job_id)
-            if job is not None and job.state == "waiting":  # not expired or confirmed meanwhile
-                job.payload["phase"] = "run"
-                self.jobs.resume(job, by=request_id)
+            with self.jobs.waiting(d.job_id) as job:
+                if job is not None:  # not expired or confirmed meanwhile
+                    # Noted first, so this message decided again after a fault (the ack
+                    # below not written, the message not flagged) is not taken for a bad code.
+                    self._write_marker(self._marker(msg), request_id, confirms=job.id)
+                    job.payload["phase"] = "run"
+                    self.jobs.resume(job, by=request_id)
+            if job is not None:
                 log.info("%s confirmed by %s (message %s)", job.id, sender, request_id)
+                _crash_point("confirm-after-resume")
                 self._queue_ack(job, msg, confirmed=True)
                 return "queued", audit
             d = decide.bad_code(d)
@@ -769,9 +792,15 @@ class Dispatcher:
         """Waiting jobs: past their time they fail with a reply; one whose confirmation
         request was lost in a crash gets it again."""
         now = time.time()
-        for job in self.jobs.list("waiting"):
-            confirm = job.payload.get("confirm") or {}
-            if confirm.get("expires", 0) <= now:
+        for listed in self.jobs.list("waiting"):
+            confirm = listed.payload.get("confirm") or {}
+            if confirm.get("expires", 0) > now:
+                if self.outbox.find(f"{listed.id}-confirm") is None:
+                    self._queue_confirm_request(listed)
+                continue
+            with self.jobs.waiting(listed.id) as job:
+                if job is None:
+                    continue  # confirmed (or expired by another process) since the listing
                 job.result = {
                     "outcome": "failed",
                     "playbook": {
@@ -784,8 +813,6 @@ class Dispatcher:
                     "confirmation-expired", request_id=job.id, sender=job.payload.get("requester")
                 )
                 self._settle(job)
-            elif self.outbox.find(f"{job.id}-confirm") is None:
-                self._queue_confirm_request(job)
 
     # ------------------------------------------------------------ refusals
 

@@ -7,6 +7,7 @@ test_end_to_end.py. The playbooks run for real over sshd on loopback.
 from __future__ import annotations
 
 import email
+import errno
 import json
 import re
 import time
@@ -296,6 +297,37 @@ def test_a_confirmed_command_shows_the_change_runs_only_on_the_right_reply_and_o
     ]
     assert code not in json.dumps(records), "never a code in the audit trail"
     assert [r["event"] for r in records].count("confirmation-requested") == 1
+
+
+def test_a_confirmation_handled_again_after_a_full_disk_is_acknowledged(confirm_site, monkeypatch):
+    """The disk fills up right after the CONFIRMAR took its job out of waiting/ (its ack cannot
+    be written) and the message stays unseen: handled again, it is answered "Confirmação
+    recebida", not "não aceita" (its code is spent by then), and the change runs once."""
+    site, gv2p = confirm_site
+    d = site.dispatcher
+    site.send("MACCHANGE=3010 MACATUAL=010203040506 MACFUTURO=010203040599 SERVER=gv2p")
+    d.poll_once()
+    d.work_once()
+    _msg, _text, code = confirmation_request(site)
+    real_put = d.outbox.put
+
+    def full_disk(payload, job_id=None, **kw):
+        if job_id and job_id.endswith("-confirmed"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(payload, job_id=job_id, **kw)
+
+    monkeypatch.setattr(d.outbox, "put", full_disk)
+    site.send("", subject=f"CONFIRMAR {code}")
+    counts = d.poll_once()
+    assert counts["queued"] == 0 and d.jobs.count("pending") == 1, counts  # resumed, ack not written
+    monkeypatch.setattr(d.outbox, "put", real_put)  # space again
+    assert d.poll_once()["queued"] == 1
+    statuses = [status_of(m) for m in site.replies()]
+    assert not [s for s in statuses if "não aceita" in s], statuses
+    assert "Confirmação recebida" in site.replies()[-1].get_body(("plain",)).get_content()
+    d.work_once()
+    assert gv2p.notifications() == 1 and d.jobs.count("done") == 1
+    assert d.poll_once()["queued"] == 0, "flagged now: a third pass finds nothing"
 
 
 def test_an_unconfirmed_command_expires_with_a_reply_and_changes_nothing(confirm_site):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.jobqueue import STATES, DirQueue, new_request_id
+from tests.servers import wait_for
 
 
 def files(q: DirQueue) -> dict[str, list[str]]:
@@ -237,8 +238,14 @@ def test_records_written_by_root_stay_readable_by_the_service_user():
     shutil.copytree(package, lib / "dispatcher", ignore=shutil.ignore_patterns("__pycache__"))
     for path in [lib, *lib.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    out = subprocess.run(["/usr/bin/python3", "-c", child, str(root)], capture_output=True, text=True,
-                         timeout=60, env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, cwd=str(base))
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", child, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"},
+        cwd=str(base),
+    )
     shutil.rmtree(base)
     assert out.stdout.strip() == good.id, out.stderr
     assert "cannot read queue record" in out.stderr
@@ -386,3 +393,45 @@ def test_a_finished_job_reaches_its_final_state_even_on_a_full_disk(workdir):
         f = files(q)
         assert f["done"] == ["job-1.json"] and f["processing"] == [] and f["tmp"] == []
         assert q.get("job-1").state == "done"
+
+
+def test_a_confirmation_and_the_expiry_sweep_cannot_both_take_a_waiting_job(tmp_path):
+    """Two processes race for one waiting job (a CONFIRMAR and the sweep at its expiry):
+    the one that holds it resumes it, the other then finds it gone, never a second copy."""
+    q = DirQueue(tmp_path)
+    job = q.put({"command": "MACCHANGE"})
+    q.wait(q.claim())
+    other = textwrap.dedent(
+        f"""
+        import sys
+        from dispatcher.jobqueue import DirQueue
+        q = DirQueue({str(tmp_path)!r})
+        print("started", flush=True)
+        with q.waiting({job.id!r}) as job:
+            if job is not None:
+                q.finish(job, success=False, reason="expired")
+        print("expired" if job is not None else "gone", flush=True)
+        """
+    )
+    with q.waiting(job.id) as held:
+        assert held is not None
+        sweep = subprocess.Popen(
+            [sys.executable, "-c", other], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+        )
+        assert sweep.stdout.readline() == "started\n"
+        # it now waits on the lock we hold: /proc/locks lists its request as "-> FLOCK ... pid"
+        inode = (tmp_path / "waiting.lock").stat().st_ino
+
+        def blocked():
+            for line in Path("/proc/locks").read_text().splitlines():
+                fields = line.split()
+                if "->" in fields and fields[-4] == str(sweep.pid) and fields[-3].endswith(f":{inode}"):
+                    return True
+            return False
+
+        wait_for(blocked, "the sweep blocked on the waiting lock", 60, proc=sweep)
+        q.resume(held, by="confirm-message")
+    out, _ = sweep.communicate(timeout=60)
+    assert out == "gone\n"
+    f = files(q)
+    assert f["pending"] == [f"{job.id}.json"] and f["failed"] == [] and f["waiting"] == []
