@@ -175,6 +175,37 @@ def test_target_state_already_there_is_not_a_change():
     assert again["files"]["endpoints_def"]["text"] == texts["endpoints_def"]
 
 
+@pytest.mark.parametrize("done", ["endpoints_def", "endpoints_sip"])
+def test_a_change_cut_short_between_the_two_files_is_completed(done):
+    """Killed between its two renames, a change leaves one file with the new MAC: the same
+    request again writes only the other one, and says so."""
+    target = em.plan_change(TEXTS, "3010", "010203040506", "010203040599")["files"]
+    texts = dict(TEXTS, **{done: target[done]["text"]})
+    plan = em.plan_change(texts, "3010", "010203040506", "010203040599")
+    left = "endpoints_sip" if done == "endpoints_def" else "endpoints_def"
+    assert plan["changed"] and plan["files"][done]["changed"] is False and plan["files"][left]["changed"]
+    assert {k: v["text"] for k, v in plan["files"].items()} == {k: v["text"] for k, v in target.items()}
+    [warning] = plan["warnings"]
+    label = em.FILE_RULES[done]["label"]
+    other = em.FILE_RULES[left]["label"]
+    assert warning == f"{label} already held 010203040599 (a change cut short): only {other} was changed"
+
+
+def test_a_removal_cut_short_is_completed_too():
+    target = em.plan_change(TEXTS, "3010", "010203040506", "")["files"]
+    texts = dict(TEXTS, endpoints_def=target["endpoints_def"]["text"])
+    plan = em.plan_change(texts, "3010", "010203040506", "")
+    assert plan["files"]["endpoints_sip"]["text"] == target["endpoints_sip"]["text"]
+    assert "already held no MAC (a change cut short)" in plan["warnings"][0]
+
+
+def test_a_file_holding_neither_mac_is_still_a_mismatch_not_a_change_cut_short():
+    texts = dict(TEXTS, endpoints_sip=SIP.replace("3010;MAC:010203040506;", "3010;MAC:0102030405AA;"))
+    with pytest.raises(em.MacChangeError) as err:
+        em.plan_change(texts, "3010", "010203040506", "010203040599")
+    assert err.value.reason == "mismatch"
+
+
 def test_lower_case_mac_in_a_file_matches_the_request():
     plan = em.plan_change(TEXTS, "3022", "00:15:65:17:B7:84", "001565000001")
     assert plan["changed"]
@@ -242,6 +273,26 @@ def test_every_reason_the_module_documents_has_a_portuguese_sentence_in_the_repl
         sentences.add(lines[1].strip())
         assert ("nenhum arquivo foi alterado" in lines[0]) == (reason != "restore_failed"), lines[0]
     assert len(sentences) == len(reasons), "one sentence per reason"
+
+
+def test_a_completed_change_and_a_late_notification_are_said_in_portuguese():
+    from dispatcher.replies import Replies
+
+    warning = "__ENDPOINTS__.DEF already held 010203040599 (a change cut short): only endpoints_sip.def was"
+    warning += " changed"
+    params = {"extension": "3010", "mac_current": "010203040506", "mac_new": "010203040599", "server": "gv2p",
+              "operation": "replace"}  # fmt: skip
+    texts = {}
+    for changed, notified, warnings in ((True, True, [warning]), (False, True, []), (False, False, [])):
+        report = {"changed": changed, "notified": notified, "files": {}, "backups": [], "warnings": warnings}
+        result = {"hosts": {"gv2p": {"status": "ok", "report": report, "errors": []}}, "errors": []}
+        values = dict(command="MACCHANGE=3010", command_name="MACCHANGE", params=params, result=result)
+        rendered = Replies().render("macchange", request_id="r", outcome="success", **values)
+        texts[(changed, notified)] = rendered.text
+        assert "Os arquivos já estavam assim" in rendered.html or changed
+    assert "interrompida no meio" in texts[(True, True)] and "concluída agora" in texts[(True, True)]
+    assert "o monitor de provisionamento foi avisado agora" in texts[(False, True)]
+    assert "nada a mudar" in texts[(False, False)] and "avisado agora" not in texts[(False, False)]
 
 
 def test_files_that_disagree_are_described_each():

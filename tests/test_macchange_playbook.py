@@ -10,8 +10,11 @@ immutable (chattr +i), which stops even root from replacing it.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import pytest
 from dispatcher.runner import run_playbook
 from tests import servers
 from tests.collection_paths import UNIT_FIXTURES
+from tests.servers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -281,6 +285,72 @@ def test_monitor_that_cannot_be_notified_fails_the_host_but_reports_the_change(f
     assert any("could not be notified: arimonitor is down" in w for w in result.report["warnings"])
     assert any("changed in both files, but the provisioning monitor" in e for e in result.errors)
     assert host.files() == with_mac("010203040599")
+
+
+def _monitor(workdir: Path, host: MacHost) -> tuple[list[str], Path, Path]:
+    """A monitor command that counts notifications in the host's log; while `down` exists it
+    fails, while `hang` exists it says it started and blocks (then exits without counting)."""
+    script = workdir / f"{host.alias}-arimonitor"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {workdir}/down ]; then echo arimonitor is down >&2; exit 3; fi\n"
+        f"if [ -e {workdir}/hang ]; then echo started > {workdir}/started\n"
+        f"  while [ -e {workdir}/hang ]; do sleep 0.1; done; exit 9; fi\n"
+        f"echo notified >> {host.monitor_log}\n"
+    )
+    script.chmod(0o755)
+    return [str(script), "reload"], workdir / "down", workdir / "hang"
+
+
+def test_a_notification_that_failed_is_made_by_the_next_run_of_the_same_change(fleet, workdir):
+    inventory, host, _ = fleet()
+    command, down, _hang = _monitor(workdir, host)
+    ev = dict(mac_current="010203040506", mac_new="010203040599", endpoint_mac_monitor_command=command)
+    pending = Path(f"{host.def_path}.monitor-pending")
+    down.touch()
+    first = macchange(inventory, **ev)
+    assert first.hosts["gv2p"].status == "failed" and first.hosts["gv2p"].report["notified"] is False
+    assert host.files() == with_mac("010203040599") and pending.exists()
+    down.unlink()  # the monitor is back
+    again = macchange(inventory, **ev)
+    assert again.succeeded, again.to_dict()
+    report = again.hosts["gv2p"].report
+    assert (report["changed"], report["notified"]) == (False, True)
+    assert host.notifications() == 1 and not pending.exists()
+    host.assert_owner_and_mode()
+    third = macchange(inventory, **ev)
+    assert third.succeeded and third.hosts["gv2p"].report["notified"] is False
+    assert host.notifications() == 1, "nothing pending any more: no second notification"
+
+
+def test_a_run_killed_before_the_monitor_answered_is_notified_by_the_next_run(fleet, workdir):
+    """kill -9 of ansible-playbook (and its whole process group) while the handler waits on
+    the monitor: the files are changed, the monitor never answered; the retry notifies it."""
+    inventory, host, _ = fleet()
+    command, _down, hang = _monitor(workdir, host)
+    ev = {"target": "gv2p", "extension": "3010", "request_id": "kill-req",
+          "mac_current": "010203040506", "mac_new": "010203040599",
+          "endpoint_mac_monitor_command": command}  # fmt: skip
+    hang.touch()
+    env = dict(os.environ, LANG="C.UTF-8", LC_ALL="C.UTF-8", ANSIBLE_NOCOLOR="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    env.pop("ANSIBLE_CONFIG", None)
+    proc = subprocess.Popen(
+        ["ansible-playbook", "-i", str(inventory), "playbooks/macchange.yml", "-e", json.dumps(ev)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (workdir / "started").exists(), "the handler reached the monitor", 240, proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        hang.unlink()  # the orphaned monitor on the host exits, counting nothing
+    assert host.files() == with_mac("010203040599") and host.notifications() == 0
+    again = macchange(inventory, **{k: v for k, v in ev.items() if k not in ("target", "extension")})
+    assert again.succeeded, again.to_dict()
+    report = again.hosts["gv2p"].report
+    assert (report["changed"], report["notified"]) == (False, True)
+    assert host.notifications() == 1 and not Path(f"{host.def_path}.monitor-pending").exists()
 
 
 # ------------------------------------------------------------- endpoint files as they are

@@ -25,9 +25,13 @@ description:
   - The extension must exist in both files and hold O(mac_current) in both.
     Otherwise the module fails with a message that says what each file holds, and it
     writes nothing. It also refuses a O(mac_new) that another extension already holds.
+  - >-
+    One file holding O(mac_current) and the other O(mac_new) is a change cut short
+    (the process killed between the two writes). The module completes it, writing the
+    file that still holds O(mac_current), and says so in RV(mac_warnings).
   - Both files are backed up with a timestamp, then written atomically (a temporary
     file in the same directory, renamed over the original). If writing the second file
-    fails, the first one is put back, so the files never disagree.
+    fails, the first one is put back, so a failed write never leaves them disagreeing.
   - Owner, group, mode and every byte outside the changed values are preserved.
   - The rules that find an extension's record and its MAC are regexes (O(rules)); the
     defaults tolerate the layouts seen in the field, and the README of the role
@@ -67,6 +71,17 @@ options:
       - V(0) keeps them all.
     type: int
     default: 0
+  monitor_pending_file:
+    description:
+      - A file that says the provisioning monitor has not yet heard of the last change.
+        Before writing, the module creates it; whoever notifies the monitor removes it
+        once the monitor answered (the role's handler does).
+      - So a run killed between the change and the notification, or a notification that
+        failed, is not forgotten; the next run finds the files already changed
+        (C(changed=false)) and RV(monitor_pending) true, and notifies.
+      - Empty means no such file (nothing remembers a missed notification).
+    type: path
+    default: ""
 extends_documentation_fragment:
   - athome.voip.attributes
   - athome.voip.endpoint_files
@@ -161,6 +176,12 @@ mac_warnings:
   returned: always
   type: list
   elements: str
+monitor_pending:
+  description:
+    - O(monitor_pending_file) exists after the run, because this run changed the files
+      or an earlier change was not notified yet. Always false without O(monitor_pending_file).
+  returned: always
+  type: bool
 reason:
   description:
     - Why the module failed, as one word, for a reply in the requester's language
@@ -247,10 +268,11 @@ def plan_change(texts, extension, mac_current, mac_new, rules=None):
         usable = len(found[key]) == 1 and found[key][0].count == 1
         held.append(found[key][0].mac if usable else None)
 
-    if held == [current, current]:
-        changed = True
-    elif held == [new, new]:
+    to_change = [held[i] == current for i in range(2)]
+    if held == [new, new]:
         changed = False
+    elif all(mac in (current, new) for mac in held):
+        changed = True  # both hold current, or one already holds new: a change cut short
     else:
         if all(len(found[k]) == 0 for k in found):
             what, reason = "extension %s is in neither file" % extension, "not_found"
@@ -263,6 +285,11 @@ def plan_change(texts, extension, mac_current, mac_new, rules=None):
         raise MacChangeError("%s: %s. Nothing was written." % (what, "; ".join(states)), reason)
 
     warnings = []
+    if changed and not all(to_change):
+        done, left = [file_rules[k]["label"] for k, c in zip(FILES, to_change) if not c], \
+            [file_rules[k]["label"] for k, c in zip(FILES, to_change) if c]
+        warnings.append("%s already held %s (a change cut short): only %s was changed" % (
+            ", ".join(done), new or "no MAC", ", ".join(left)))
     if new:
         where = {}
         for key in ("endpoints_def", "endpoints_sip"):
@@ -286,15 +313,17 @@ def plan_change(texts, extension, mac_current, mac_new, rules=None):
                 "other extensions also have no MAC: %s" % ", ".join(sorted(empty, key=int)))
 
     files = {}
-    for key in FILES:
+    for key, change in zip(FILES, to_change):
         text, rec = texts[key], found[key][0]
         value = new if new else file_rules[key]["empty"][0]
-        after_text = text[:rec.start] + value + text[rec.end:] if changed else text
-        after_end = rec.start + len(value) if changed else rec.end
+        change = changed and change
+        after_text = text[:rec.start] + value + text[rec.end:] if change else text
+        after_end = rec.start + len(value) if change else rec.end
         files[key] = {
             "before": line_at(text, rec.start, rec.end),
             "after": line_at(after_text, rec.start, after_end),
             "text": after_text,
+            "changed": change,
         }
     return {
         "operation": operation,
@@ -379,6 +408,17 @@ def write_atomically(path, data, prepare=None):
     fsync_dir(directory)
 
 
+def write_pending(path, text):
+    """The monitor-pending file, written through to disk (it must survive what it guards against)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
 def make_backups(paths, backup_dir):
     """Copy every path to <dir>/<name>.<stamp>.bak (one stamp for all); returns the copies."""
     stamp = time.strftime(BACKUP_STAMP)
@@ -424,6 +464,7 @@ def main():
             backup_dir=dict(type="path", default=""),
             backup_keep=dict(type="int", default=0),
             rules=dict(type="dict", default={}),
+            monitor_pending_file=dict(type="path", default=""),
         ),
         supports_check_mode=True,
     )
@@ -440,7 +481,9 @@ def main():
         backups=[],
         backups_pruned=[],
         mac_warnings=[],
+        monitor_pending=False,
     )
+    pending_file = params["monitor_pending_file"]
 
     try:
         rules = all_rules(params["rules"])
@@ -492,9 +535,12 @@ def main():
             for key in keys
         ]
 
+    result["monitor_pending"] = bool(pending_file) and os.path.lexists(pending_file)
     if not plan["changed"]:
         result["msg"] = "extension %s already holds %s in both files" % (
             extension, plan["mac_new"] or "no MAC")
+        if result["monitor_pending"]:
+            result["msg"] += "; the provisioning monitor has not been notified of it yet"
         module.exit_json(**result)
     if module.check_mode:
         result["msg"] = "would %s the MAC of extension %s" % (plan["operation"], extension)
@@ -528,15 +574,39 @@ def main():
         if module.selinux_enabled():
             module.set_context_if_different(tmp, module.selinux_context(path), False)
 
+    pending_before = result["monitor_pending"]
+
+    def nothing_changed():
+        """A write failed and both files are as they were: a pending file this run wrote
+        would make a later run notify the monitor of a change that did not happen."""
+        if pending_file and not pending_before:
+            try:
+                os.unlink(pending_file)
+            except OSError:
+                pass
+        result["monitor_pending"] = pending_before
+
+    if pending_file:
+        try:
+            write_pending(pending_file, "extension %s: %s -> %s\n" % (
+                extension, plan["mac_current"] or "no MAC", plan["mac_new"] or "no MAC"))
+        except (IOError, OSError) as exc:
+            module.fail_json(msg="cannot write %s (%s). Nothing was written." % (pending_file, exc),
+                             reason="write_failed", **result)
+        result["monitor_pending"] = True
+
     new_bytes = dict((k, plan["files"][k]["text"].encode("latin-1")) for k in keys)
-    first, second = keys
+    todo = [k for k in keys if plan["files"][k]["changed"]]
+    first, second = (todo + [None])[:2]
     try:
         write_atomically(paths[first], new_bytes[first], keep_context)
     except (IOError, OSError) as exc:
+        nothing_changed()
         module.fail_json(msg="cannot write %s (%s): %s. Nothing was written."
                          % (FILE_RULES[first]["label"], paths[first], exc), reason="write_failed", **result)
     try:
-        write_atomically(paths[second], new_bytes[second], keep_context)
+        if second is not None:
+            write_atomically(paths[second], new_bytes[second], keep_context)
     except (IOError, OSError) as exc:
         failure = "cannot write %s (%s): %s" % (FILE_RULES[second]["label"], paths[second], exc)
         try:
@@ -546,6 +616,7 @@ def main():
                 msg="%s; restoring %s failed too (%s): the files DISAGREE, restore it from %s"
                 % (failure, paths[first], exc2, result[first]["backup"] or "a copy"),
                 reason="restore_failed", **result)
+        nothing_changed()
         module.fail_json(msg="%s. %s was restored: both files are as they were."
                          % (failure, FILE_RULES[first]["label"]), reason="write_failed", **result)
 
