@@ -81,8 +81,19 @@ class AuditLog:
             line = (json.dumps(rec, ensure_ascii=False, sort_keys=False) + "\n").encode()
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line)
-                os.fsync(fd)
+                start = os.fstat(fd).st_size  # under the lock: nobody else appends meanwhile
+                try:
+                    written = 0
+                    while written < len(line):  # a short write (a nearly full disk) goes on
+                        written += os.write(fd, line[written:])
+                    os.fsync(fd)
+                except BaseException:
+                    # Never leave half a record: the next one would follow it on the same
+                    # line and the chain would read as tampered with from there on.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    self._tail = None
+                    raise
                 self._tail = (path, os.fstat(fd).st_size, _digest(line))
             finally:
                 os.close(fd)

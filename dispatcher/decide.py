@@ -44,7 +44,7 @@ from dispatcher.auth import (
 )
 from dispatcher.commands import Command
 from dispatcher.errors import AuthError, GrammarError
-from dispatcher.mail import Incoming, answers_us
+from dispatcher.mail import MAX_RAW_SUBJECT, Incoming, answers_us
 
 
 class Action(enum.Enum):
@@ -162,6 +162,9 @@ def decide(msg: Incoming, ctx: Context) -> Decision:
     policy = ctx.policy
     subject_error = None
     try:
+        if msg.subject_cut:  # only its beginning was read (mail.MAX_RAW_SUBJECT)
+            too_long = f"O assunto tem mais de {MAX_RAW_SUBJECT} caracteres"
+            raise GrammarError(f"{too_long}; o máximo aceito é {grammar.MAX_SUBJECT_CHARS}.")
         found = grammar.find_token(msg.subject)
     except GrammarError as exc:
         found, subject_error = grammar.lenient_token(msg.subject), exc

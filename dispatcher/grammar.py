@@ -252,6 +252,9 @@ def mask_subject(raw_subject: str, token: str | None = None) -> str:
             )
         )
         cut = True
+    # The token where it stands (when the caller did not pass it): masked wherever else it
+    # appears too, even in a place kept in clear (a 16-digit token typed as MACATUAL).
+    token = token or _after_tags(text).token
     masked = mask_text(_mask_leading(_CONFIRM_ANY.sub(rf"\g<1>{MASK}", text)), token).strip()
     if cut and len(masked) > MAX_SUBJECT_CHARS:
         masked = masked[:MAX_SUBJECT_CHARS] + "…"

@@ -51,6 +51,7 @@ class Incoming:
     # From/Date/Subject/Message-ID present more than once: DKIM signs the bottom-most copy,
     # we would read the topmost, so an added copy could change a signed message.
     duplicated: tuple[str, ...] = ()
+    subject_cut: bool = False  # longer than MAX_RAW_SUBJECT: `subject` is its beginning only
 
 
 _MSGID = re.compile(r"<[^<>\s]{1,250}>")
@@ -66,19 +67,35 @@ def answers_us(incoming: Incoming) -> bool:
     return f".{MSGID_TAG}@" in incoming.references
 
 
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
 def _text(value) -> str:
-    """A header value as text, whatever the parser made of it (str, Header, 8-bit bytes)."""
+    """A header value as text, whatever the parser made of it (str, Header, 8-bit bytes).
+
+    Raw 8-bit bytes (RFC 6532 UTF-8 headers, as Gmail and Outlook send a display name
+    like `Ana Conceição`) come from the parser as surrogate escapes: read them as UTF-8
+    (anything else becomes U+FFFD, which no address accepts)."""
     if value is None:
         return ""
     try:
-        return str(value)
+        text = str(value)
     except Exception:  # a Header with undecodable parts
         return repr(value)
+    if _ESCAPED.search(text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
 
 
 def unfold(value: str) -> str:
     """RFC 5322 unfolding: a CRLF (or LF) followed by white space is not part of the value."""
     return re.sub(r"\r?\n(?=[ \t])", "", value or "").replace("\r", "").replace("\n", "")
+
+
+# A Subject is cut to this many characters before decoding: email's header parser is
+# superlinear on some hostile forms (100 KB of encoded words: seconds each, read before any
+# screening, every pass), and no command is near it (the grammar accepts 512 characters).
+MAX_RAW_SUBJECT = 4096
 
 
 def _decode(value) -> str:
@@ -133,7 +150,8 @@ def incoming_from_headers(uid: str, headers) -> Incoming:
         uid=str(uid),
         message_id=message_id,
         from_header=", ".join(raw.get("from", [])),
-        subject=_decode(first("subject")),
+        subject=_decode(first("subject")[:MAX_RAW_SUBJECT]),
+        subject_cut=len(first("subject")) > MAX_RAW_SUBJECT,
         references=" ".join([*refs, message_id]).strip(),
         automated=_automated(headers),
         date=first("date").strip(),

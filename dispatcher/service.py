@@ -80,6 +80,10 @@ OUTBOX_STALE_AFTER = 900  # seconds a reply may sit in outbox/processing before 
 MAX_INTAKE_FAILURES = 5  # passes that fail on one message before it is set aside
 MAX_TOKEN_ALERTS_PER_HOUR = 5  # "Token Invalido" mails per sender; more are only logged
 MAX_REFUSALS_PER_HOUR = 5  # other refusals (unauthenticated, stale, locked out) per sender
+# Refusals of unauthenticated mail, all claimed senders together: forging From costs nothing,
+# so without it forgeries in the names of the whole whitelist could spend the outgoing limit.
+MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR = 20
+LAST_RANK = 3  # their place in the outbox when the outgoing limit binds: after everything else
 PRIORITY_BUDGET = 0.5  # seconds of suspect mail handled before the pass fetches again
 GENUINE_PER_SENDER = 3  # messages of one sender handled first in a pass; more wait with the suspect
 PRUNE_EVERY = 3600  # seconds between retention sweeps of the work loop
@@ -113,9 +117,14 @@ def _decode_reply(payload: dict[str, Any]) -> tuple[bytes, str]:
 
 
 def _reply_rank(job: Job) -> int:
-    """The order replies go in when the outgoing mail limit binds (see `_claim_reply`)."""
+    """The order replies go in when the outgoing mail limit binds (see `_claim_reply`):
+    the notice that replies are held, then requesters', then the admins', and last the
+    replies that anyone could cause (refusals of unauthenticated mail, `LAST_RANK`)."""
     if job.payload.get("kind") == "admin_notice" and job.id.startswith("outbox-held-"):
         return 0
+    rank = job.payload.get("rank")
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        return rank
     return 2 if job.payload.get("kind") in ADMIN_KINDS else 1
 
 
@@ -826,6 +835,7 @@ class Dispatcher:
         problem: str,
         advice: str,
         cap: str = "refusal",
+        rank: int | None = None,
     ) -> str:
         """A refusal to the requester alone, capped per sender (a flood gets no flood back).
         Forgeries have their own cap, so they cannot silence the real sender's refusals."""
@@ -837,6 +847,7 @@ class Dispatcher:
             to=[sender],
             msg=msg,
             thread=masked,
+            rank=rank,
             subject=masked,
             headline=headline,
             problem=problem,
@@ -891,6 +902,8 @@ class Dispatcher:
                 "remetente. Se foi mesmo enviada por ele, veja no README o que fazer; se não, alguém "
                 "está forjando o endereço. Alertas iguais para este remetente ficam suspensos por 1 hora.",
             )
+        if not self._mail_allowed("refusal-unauthenticated-all", "*", MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR):
+            return "ignored"
         return self._refuse(
             msg,
             request_id,
@@ -903,6 +916,7 @@ class Dispatcher:
             "encaminhar nem usar outro serviço de envio, e avise os administradores se o erro continuar. "
             "Se não foi você, avise os administradores: alguém está usando o seu endereço.",
             cap="refusal-unauthenticated",
+            rank=LAST_RANK,
         )
 
     def _refuse_token(self, msg: Incoming, request_id: str, d: decide.Decision) -> str:
@@ -1023,11 +1037,13 @@ class Dispatcher:
         in_reply_to: str = "",
         references: str = "",
         thread: str | None = None,
+        rank: int | None = None,
         **values: Any,
     ) -> None:
         """Render and queue one reply. `thread`: the masked subject of the request it is
         about (its subject becomes `Re: <thread>`); by default that of `msg`; '' for a
-        subject of its own (the status)."""
+        subject of its own (the status). `rank`: its place when the outgoing limit binds
+        (`_reply_rank`), when not the one of its kind."""
         values.setdefault("request_id", "")
         if thread is None:
             thread = grammar.mask_subject(msg.subject) if msg else ""
@@ -1043,10 +1059,10 @@ class Dispatcher:
             references=(msg.references if msg else references),
             brand=self.cfg.brand,
         )
-        self.outbox.put(
-            {"raw": base64.b64encode(raw).decode(), "rcpt": [*to, *(cc or [])], "kind": kind},
-            job_id=reply_id,
-        )
+        payload = {"raw": base64.b64encode(raw).decode(), "rcpt": [*to, *(cc or [])], "kind": kind}
+        if rank is not None:
+            payload["rank"] = rank
+        self.outbox.put(payload, job_id=reply_id)
 
     def flush_outbox(self, stop: threading.Event | None = None) -> int:
         """Send the due replies within the outgoing mail limit, in order (`_reply_rank`);
@@ -1126,7 +1142,8 @@ class Dispatcher:
         when no reply is due.
 
         Order: the notice that the limit holds mail back first (it explains the delay),
-        then the replies to requesters, then the admins' alerts, oldest first in each.
+        then the replies to requesters, then the admins' alerts, then refusals of
+        unauthenticated mail (anyone can cause those), oldest first in each.
         When the limit binds it is usually a flood of refusals and alerts: a colleague
         waiting for a confirmation or a result must not wait behind them (as intake
         handles likely-genuine mail first). A reply that does not fit blocks the ones
@@ -1135,7 +1152,7 @@ class Dispatcher:
         if usage is not None and not usage.fits(1):
             return None, self.outbox.count("pending"), 1
         blocked = 0
-        for rank in (0, 1, 2):
+        for rank in range(LAST_RANK + 1):
 
             def accept(job: Job, rank: int = rank) -> bool:
                 nonlocal blocked

@@ -66,3 +66,29 @@ def test_search_filters_by_sender_command_and_time(tmp_path):
     assert [r["command_name"] for r in trail.search(command="ramais")] == ["RAMAIS"]
     assert list(trail.search(since=4102444800)) == []  # 2100-01-01
     assert json.loads(trail.files()[0].read_text().splitlines()[0])["event"] == "message"
+
+
+def test_a_record_cut_short_by_a_full_disk_is_taken_back_and_the_chain_stays_whole(workdir):
+    """A real nearly-full tmpfs: the kernel takes part of a large record (a short write),
+    then refuses the rest. The record is taken back whole, the error reaches the caller,
+    and once there is room again the chain verifies with no half line in it."""
+    import errno
+
+    import pytest
+
+    from tests.disk import small_disk
+
+    with small_disk(workdir / "disk", "1m") as disk:
+        log = AuditLog(disk.path / "audit")
+        log.record("message", n=1)
+        [path] = log.files()
+        before = path.read_bytes()
+        disk.fill()
+        disk.leave(4096)
+        with pytest.raises(OSError) as info:
+            log.record("message", note="x" * 20000)
+        assert info.value.errno == errno.ENOSPC
+        assert path.read_bytes() == before, "no part of the failed record is left"
+        disk.free()
+        log.record("message", n=3)
+        assert log.verify() == (2, [])

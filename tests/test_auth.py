@@ -255,3 +255,31 @@ def test_a_token_of_another_sender_costs_no_slow_hash(store, monkeypatch):
 
     monkeypatch.setattr("dispatcher.auth._verify", no_scrypt)
     assert code(store, token, "bob@example.test") == "not-bound"
+
+
+@pytest.mark.parametrize(
+    ("raw_from", "address"),
+    [
+        ("Ana Conceição <ana@example.test>".encode(), "ana@example.test"),  # RFC 6532 raw UTF-8 name
+        (b"Ana \xff\xfe <ana@example.test>", "ana@example.test"),  # not UTF-8: the name is U+FFFD
+        ("Ana <anã@example.test>".encode(), None),  # a non-ASCII address is still refused
+        (b"<ana\xff@example.test>", None),
+    ],
+)
+def test_a_raw_8bit_display_name_is_read_as_utf8_not_dropped(raw_from, address):
+    """Gmail and Outlook send `From: Ana Conceição <...>` as raw UTF-8 when the server says
+    SMTPUTF8; it used to be dropped as 'malformed From' with no reply. The address part stays
+    as strict as before."""
+    import email.policy
+    from email.parser import BytesHeaderParser
+
+    from dispatcher import mail
+    from dispatcher.auth import sender_address
+
+    headers = BytesHeaderParser(policy=email.policy.default).parsebytes(b"From: " + raw_from + b"\r\n\r\n")
+    incoming = mail.incoming_from_headers("1", headers)
+    if address is None:
+        with pytest.raises(AuthError):
+            sender_address(incoming.from_header)
+    else:
+        assert sender_address(incoming.from_header) == address

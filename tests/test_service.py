@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import email
 import os
 import shutil
 import time
+from email import policy
 
 import pytest
 
@@ -139,7 +141,6 @@ def test_a_fault_of_shared_state_is_never_held_against_a_message(make, tmp_path)
     assert d.outbox.list("pending") == [] and d.outbox.list("done") == []
     hosts.write_text(good)  # fixed: the message is handled on the next pass
     assert d.poll_once()["queued"] == 1
-
 
 
 def test_a_job_for_a_command_this_version_does_not_know_is_answered_not_looped(make):
@@ -537,3 +538,69 @@ def test_confirmation_settings_that_cannot_work_are_problems(make, commands, pro
 
     with pytest.raises(ConfigError, match=problem):
         config.from_dict({**_minimal(make.tmp), "commands": commands}, base=make.tmp)
+
+
+def test_a_huge_hostile_subject_is_cut_before_it_is_decoded_and_refused_in_words(make):
+    """email's header parser is superlinear on some forms (400 KB of encoded words took 13 s,
+    read before any screening, every pass): the subject is cut to mail.MAX_RAW_SUBJECT first.
+    The sender, genuine here, is told the subject is too long."""
+    from dispatcher import mail
+
+    d = make()
+    hostile = f"[{make.token}] HELP " + "=?x?q?a?= " * 40_000
+    raw = command_message("PLACEHOLDER", msgid="<huge@x>").as_bytes()
+    d._inbox_factory().box.add(raw.replace(b"PLACEHOLDER", hostile.encode()))
+    with d._inbox_factory() as inbox:
+        [msg] = inbox.fetch()
+    assert msg.subject_cut and len(msg.subject) <= mail.MAX_RAW_SUBJECT
+    counts = d.poll_once()
+    assert counts["replied"] == 1, counts
+    d.flush_outbox()
+    [reply] = [m for m in (make.tmp / "out").rglob("*") if m.is_file()]
+    text = (
+        email.message_from_bytes(reply.read_bytes(), policy=policy.default).get_body(("plain",)).get_content()
+    )
+    assert "O assunto tem mais de 4096 caracteres; o máximo aceito é 512" in text
+    assert make.token not in text
+
+
+def test_a_token_typed_where_a_mac_goes_never_reaches_the_audit_trail(make):
+    """MACATUAL=<12-17 hex> is kept in clear when subjects are quoted; the token itself typed
+    there (a paste in the wrong place) is masked anyway: audit trail, replies, queue."""
+    d = make()
+    drop(
+        d,
+        f"[{make.token}] MACCHANGE=3010 MACATUAL={make.token} MACFUTURO=010203040599 SERVER=gv2p",
+        "<mac@x>",
+    )
+    assert d.poll_once()["replied"] == 1
+    d.flush_outbox()
+    written = [*d.cfg.state_dir.rglob("*"), *(make.tmp / "out").rglob("*")]  # not the inbox
+    stored = [p.read_bytes() for p in written if p.is_file()]
+    assert stored and not [b for b in stored if make.token.encode() in b or make.token.lower().encode() in b]
+    audit = b"".join(p.read_bytes() for p in d.cfg.audit_dir.glob("*.jsonl"))
+    assert b"MACATUAL=********" in audit
+
+
+def test_forgeries_in_everyones_name_get_few_refusals_and_those_go_last(make):
+    """Forging From costs nothing: 10 whitelisted names x 3 forgeries each would be 30
+    refusals an hour (5 per claimed sender); all of them together get at most
+    MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR, and they are sent after a colleague's genuine
+    answer received after them (and after the admins' alerts)."""
+    from dispatcher.service import MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR
+
+    staff = [f"user{n}@example.test" for n in range(10)]
+    d = make(senders=["ana@example.test", *staff])
+    for n, who in enumerate(staff * 3):
+        drop(d, f"[{make.token}] HELP", f"<forged{n}@x>", sender=who, results=None)
+    drop(d, f"[{make.token}] HELP", "<genuine@x>")
+    counts = d.poll_once()
+    d.flush_outbox()
+    assert counts["replied"] == MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR + 1 < 30, counts
+    assert d.outbox.count("pending") == 0
+    sent = sorted(d.outbox.list("done"), key=lambda j: j.history[-1]["at"])
+    kinds = [j.payload["kind"] for j in sent]
+    assert (
+        kinds
+        == ["help"] + ["security_alert"] * len(staff) + ["refused"] * MAX_UNAUTHENTICATED_REFUSALS_PER_HOUR
+    )
