@@ -14,7 +14,9 @@ ZIP: peak RSS (VmHWM) of a fresh process that selects and zips 2 GiB of sparse
 recordings, on Python 3 and on the target's Python 2.7.
 Goals (issue 5): dated >= 100x faster than find; flat <= 1.0x find; S3 list calls <= days + 1;
 <= 150 MB RSS while zipping. Issue 9: a dated selection <= 1.25x its floor, listing the window's
-day folders and nothing else (a 30-day window is 8 % of the tree, so find was the wrong yardstick).
+day folders and nothing else (a 30-day window is 8 % of the tree, so find was the wrong yardstick);
+an S3 request over max_files stops listing in the page where the limit is passed (its list calls
+printed beside the unlimited listing's).
 """
 
 from __future__ import annotations
@@ -297,8 +299,50 @@ def bench_s3(base: Path, keys: int, days: int) -> None:
                     f"list calls <= {n_days + 1}",
                     sel.list_calls <= n_days + 1,
                 )
+        bench_s3_over_limit(s3mod, client, last, [f"voip1/{d:%Y/%m/%d}/{n}" for d, n in items])
     finally:
         server.stop()
+
+
+def bench_s3_over_limit(s3mod, client, last: date, keys: list[str], max_files: int = 10) -> None:
+    """A 30-day request over max_files: the listing stops in the page where the limit is passed
+    (issue 9), beside the same listing without a limit. keys: every key of the bucket."""
+    header(f"over max_files={max_files} (baseline: the same 30-day listing without a limit)")
+    window = H.Window(f"{last - timedelta(days=29)} 00:00", f"{last} 23:59")
+    days = ["voip1/" + d + "/" for d in window.day_dirs()]
+    for listing in ("days", "range"):
+        m = H.NameMatcher(EXTS, window)
+        t0 = time.monotonic()
+        whole = s3mod.list_selection(client, "bench-rec", "voip1/", m, "dated", "%Y/%m/%d", listing)
+        t_whole = time.monotonic() - t0
+        t0 = time.monotonic()
+        sel = s3mod.list_selection(
+            client, "bench-rec", "voip1/", m, "dated", "%Y/%m/%d", listing, max_files=max_files
+        )
+        t_sel = time.monotonic() - t0
+        needed = _pages_to_reach(sorted(i["source"] for i in whole.items)[max_files], days, keys, listing)
+        row(
+            f"30 days, {listing}: {whole.selected} keys, stopped={sel.stopped}",
+            f"{t_sel * 1000:.0f} ms",
+            f"{t_whole * 1000:.0f} ms",
+            f"{sel.list_calls} vs {whole.list_calls} calls",
+            f"list calls = {needed} (limit's page)",
+            sel.stopped and sel.list_calls == needed,
+        )
+
+
+def _pages_to_reach(target: str, days: list[str], keys: list[str], listing: str) -> int:
+    """List calls (pages of 1,000 keys) a listing makes up to the page holding target: range lists
+    the window's days as one run of keys; days lists each day prefix, an empty one costs a call."""
+    if listing == "range":
+        return -(-sum(1 for k in keys if days[0] <= k <= target) // 1000)
+    calls = 0
+    for day in days:
+        in_day = [k for k in keys if k.startswith(day)]
+        if day == target[: len(day)]:
+            return calls + -(-sum(1 for k in in_day if k <= target) // 1000)
+        calls += max(1, -(-len(in_day) // 1000))
+    raise ValueError(target)
 
 
 ZIP_CHILD = r"""
