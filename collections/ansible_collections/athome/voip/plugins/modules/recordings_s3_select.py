@@ -18,7 +18,7 @@ description:
     window rules), streams the selected objects into a ZIP in a temporary file (bounded memory, ZIP64 when
     needed), uploads it to O(results_bucket) and returns a presigned GET URL valid O(expiry) seconds.
   - Above O(max_files) or O(max_bytes) nothing is zipped and RV(too_many) says why. The listing stops at the first
-    key past a limit (O(max_files) + 1 keys): no further page is requested.
+    key past a limit (O(max_files) + 1 keys) and requests no further page.
   - Credentials come from boto3's standard chain (environment, shared config/credentials, O(profile), instance
     role); the module takes none as options.
   - Running again with the same O(request_id) and the same selection does not upload again (not changed) and
