@@ -210,12 +210,8 @@ def test_matcher_agrees_with_the_generator_on_any_window(start, minutes, exts):
     assert got == sorted(c.name for c in rs.expected(CALLS, exts, s, e))
 
 
-@pytest.mark.parametrize("by_path", [False, True], ids=["dir_fd", "by-path"])
 @pytest.mark.parametrize("layout", ["dated", "flat"])
-def test_select_local_finds_exactly_the_expected_files(trees, layout, by_path, monkeypatch):
-    """by-path: the Python 2.7 route (no dir_fd), taken here by switching LSTAT_AT off."""
-    if by_path:
-        monkeypatch.setattr(H, "LSTAT_AT", False)
+def test_select_local_finds_exactly_the_expected_files(trees, layout):
     start, end = "2024-12-31 22:00", "2025-01-01 02:00"
     sel = H.select_local(str(trees / layout), matcher(["112", "1121"], start, end), layout)
     want = rs.expected(CALLS, ["112", "1121"], start, end)

@@ -64,11 +64,6 @@ EMAIL_RE = re.compile(r"^[^@\s\"',;<>]+@[^@\s\"',;<>]+\.[^@\s\"',;<>]+$")
 COMPRESSIONS = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED}
 CHUNK = 1024 * 1024
 
-# Python 3.3+: list an open day folder and lstat its names relative to it (no path walk
-# per file); Python 2.7 lists and lstats by path.
-LSTAT_AT = os.lstat in getattr(os, "supports_dir_fd", ()) and os.listdir in getattr(os, "supports_fd", ())
-DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-
 
 def selection_argument_spec():
     """The options recordings_select and recordings_s3_select share, documented once in
@@ -365,11 +360,11 @@ def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT, m
     """Scan a local tree; in a dated tree only the day folders of the window.
 
     Per folder: one os.listdir (names only: the cheapest listing on 2.7 and 3.x alike),
-    one scan of the joined names for the extensions (NameMatcher.candidates), the full
-    pattern on those candidates only, and an lstat of the names that match (relative to
-    the open folder where the os module allows it). With max_files / max_bytes the scan
-    stops at the first match past a limit (max_files + 1 files): nothing will be zipped
-    then, and the selection says so (stopped, over_limits).
+    one regex scan of the joined names for the extensions (NameMatcher.candidates), the
+    full pattern on those candidates only, and an lstat of the names that match. (An lstat
+    relative to the open folder, dir_fd, measured no faster than by path.) With max_files /
+    max_bytes the scan stops at the first match past a limit (max_files + 1 files):
+    nothing will be zipped then, and the selection says so (stopped, over_limits).
     """
     if layout not in ("dated", "flat"):
         raise RecordingsError("layout must be 'dated' or 'flat', not %r" % (layout,))
@@ -382,52 +377,34 @@ def select_local(root, matcher, layout="dated", dir_format=DEFAULT_DIR_FORMAT, m
     for rel_dir in folders:
         folder = os.path.join(root, rel_dir) if rel_dir else root
         sel.dirs_listed += 1
-        listed = _list_folder(folder)
-        if listed is None:  # no calls that day
-            continue
-        dir_fd, entries = listed
+        try:
+            entries = os.listdir(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no calls that day
+                continue
+            raise
+        sel.scanned += len(entries)
         prefix = os.path.join(folder, "")  # folder + one separator: prefix + name == os.path.join
         rel_prefix = rel_dir + "/" if rel_dir else ""
-        try:
-            sel.scanned += len(entries)
-            for name in candidates(entries):
-                hit = match(name)
-                if hit is None:
-                    continue
-                try:
-                    # A symlink is never followed: the tree is web-served.
-                    st = os.lstat(prefix + name) if dir_fd is None else os.lstat(name, dir_fd=dir_fd)
-                except OSError:
-                    continue  # removed while we looked
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                sel.add(rel_prefix + name, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime,
-                        source=prefix + name, identity=(st.st_dev, st.st_ino))
-                if (max_files and len(sel.items) > max_files) or (max_bytes and sel._bytes > max_bytes):
-                    sel.stopped = True
-                    sel.sort()
-                    return sel
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
+        for name in candidates(entries):
+            hit = match(name)
+            if hit is None:
+                continue
+            full = prefix + name
+            try:
+                st = os.lstat(full)  # a symlink is never followed: the tree is web-served
+            except OSError:
+                continue  # removed while we looked
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            sel.add(rel_prefix + name, name, st.st_size, hit[0], hit[1], hit[2], mtime=st.st_mtime, source=full,
+                    identity=(st.st_dev, st.st_ino))
+            if (max_files and len(sel.items) > max_files) or (max_bytes and sel._bytes > max_bytes):
+                sel.stopped = True
+                sel.sort()
+                return sel
     sel.sort()
     return sel
-
-
-def _list_folder(folder):
-    """(open descriptor or None, names) of a folder, or None when it does not exist."""
-    dir_fd = None
-    try:
-        if LSTAT_AT:
-            dir_fd = os.open(folder, DIR_FLAGS)
-            return dir_fd, os.listdir(dir_fd)
-        return None, os.listdir(folder)
-    except OSError as exc:
-        if dir_fd is not None:
-            os.close(dir_fd)
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
 
 
 # -------------------------------------------------------------------------- zip
