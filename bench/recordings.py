@@ -126,6 +126,14 @@ def selected_paths(root: Path, window: tuple[str, str]) -> list[str]:
     return [i["source"] for i in sel.items]
 
 
+def _after_drop(fn):
+    def run():
+        drop_caches()
+        return fn()
+
+    return run
+
+
 def paired(fns, runs=7):
     """Median time of each of fns (argument-less), run in turns after one warm-up each, so a
     load change on the shared machine touches all of them alike; and each one's count."""
@@ -232,8 +240,8 @@ def bench_local(base: Path, count: int, cold: bool) -> None:
 def dated_rows(root: Path, label: str, window: tuple[str, str], t_find: float, n_find: int, cold=False):
     """Our selection beside find (issue 5's yardstick), then beside the floor (listing the
     window's day folders and nothing else; issue 9's goal: <= 1.25x), then the floor plus one
-    lstat per selected file, the part of the gap no selection can avoid. Warm: paired medians;
-    cold: one run each after drop_caches."""
+    lstat per selected file, the part of the gap no selection can avoid. Medians of runs taken
+    in turns: 7 warm, 3 cold (drop_caches before each run)."""
     paths = selected_paths(root, window)
     fns = [
         lambda: ours(root, "dated", window),
@@ -241,11 +249,7 @@ def dated_rows(root: Path, label: str, window: tuple[str, str], t_find: float, n
         lambda: floor_and_stat(root, window, paths),
     ]
     if cold:
-        results = []
-        for fn in fns:
-            drop_caches()
-            results.append(fn())
-        (t_ours, t_floor, t_stat), (n, _listed, _n) = zip(*results, strict=True)
+        (t_ours, t_floor, t_stat), (n, _listed, _n) = paired([_after_drop(fn) for fn in fns], runs=3)
     else:
         (t_ours, t_floor, t_stat), (n, _listed, _n) = paired(fns)
     assert n == n_find, (n, n_find)
