@@ -444,6 +444,55 @@ def test_s3_listing_by_day_prefix_and_by_range_select_the_same_keys(world, windo
         )
 
 
+def count_list_calls(client) -> list[dict]:
+    """The ListObjectsV2 requests this client sends, as botocore sees them go out."""
+    sent: list[dict] = []
+    client.meta.events.register("before-call.s3.ListObjectsV2", lambda params, **_kw: sent.append(params))
+    return sent
+
+
+@pytest.mark.parametrize("listing", ["days", "range"])
+def test_s3_listing_stops_at_the_first_key_past_a_limit(world, listing):
+    """Two days of ~700 keys: 2 pages either way without a limit. Over max_files (or max_bytes)
+    inside the first page, no second page is requested (counted on the wire by botocore) and
+    the refusal reads like the local route's."""
+    mod = rs.s3_module()
+    window = {"start": "2025-01-31 00:00", "end": "2025-02-01 23:59"}
+    want = rs.expected(S3_CALLS, REQ["extensions"], **window)
+    assert len(want) > 2
+
+    def select(**limits):
+        client = world.s3.client()
+        sent = count_list_calls(client)
+        m = mod.NameMatcher(REQ["extensions"], mod.Window(window["start"], window["end"]))
+        sel = mod.list_selection(client, BUCKET, "gv1p/", m, "dated", "%Y/%m/%d", listing, **limits)
+        assert sel.list_calls == len(sent)
+        return sel, sent
+
+    whole, sent = select()
+    assert len(sent) == 2 and not whole.stopped and whole.selected == len(want)
+    assert whole.over_limits(len(want), 0) is None
+
+    for limits, message in (
+        ({"max_files": 1}, "more than 1 files (the limit)"),
+        ({"max_bytes": 1}, "more than 1 B (the limit)"),
+    ):
+        sel, sent = select(**limits)
+        assert len(sent) == 1, (limits, sent)  # the first page only
+        assert sel.stopped and sel.selected == (2 if "max_files" in limits else 1)
+        assert {i["path"] for i in sel.items} <= {c.relpath("dated") for c in want}
+        assert sel.scanned < whole.scanned
+        assert message in sel.over_limits(limits.get("max_files", 0), limits.get("max_bytes", 0))
+
+    # a limit the selection fits in changes nothing
+    fits, sent = select(max_files=len(want))
+    assert (
+        len(sent) == 2
+        and not fits.stopped
+        and [i["path"] for i in fits.items] == [i["path"] for i in whole.items]
+    )
+
+
 def test_s3_route_nothing_found_and_too_many(world):
     world.write_inventory(gv1p_from="s3", gv1p={"recordings_max_bytes": 1000})
     empty = world.run("req-s3-empty", {"start": "2025-01-30 00:00", "end": "2025-01-30 23:59"})
@@ -452,7 +501,9 @@ def test_s3_route_nothing_found_and_too_many(world):
     assert report["nothing_found"] is True and report["list_calls"] == 1 and report["url"] is None
     big = world.run("req-s3-big", MONTH_END)
     report = only_report(big)[1]
-    assert report["too_many"] is True and report["url"] is None and "limit 1000 B" in report["message"]
+    assert report["too_many"] is True and report["url"] is None, report
+    assert "more than 1000 B (the limit)" in report["message"]
+    assert report["list_calls"] == 1  # stopped in the first page, before the month end's second
     keys = world.s3.client().list_objects_v2(Bucket=RESULTS, Prefix="ramais/").get("Contents", [])
     assert not any(k["Key"].startswith("ramais/req-s3-") for k in keys)
 

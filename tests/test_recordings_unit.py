@@ -89,6 +89,9 @@ def test_extension_is_matched_as_a_field_never_as_a_substring():
     assert both.match("internal-1122-1121-20251104-120304-1.1.wav")[1] == ["1122", "1121"]
 
 
+CUSTOM = r"^(?P<date>\d{8})_(?P<time>\d{6})_(?P<dst>\d+)_(?P<src>\d+)\.(?P<suffix>wav)$"
+
+
 def test_suffixes_filter_and_custom_pattern():
     m = matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59")
     assert m.match("in-1121-55-20251104-120304-1.1.wav.part") is None
@@ -96,12 +99,41 @@ def test_suffixes_filter_and_custom_pattern():
         ["1121"],
         "2025-11-04 00:00",
         "2025-11-04 23:59",
-        pattern=r"^(?P<date>\d{8})_(?P<time>\d{6})_(?P<dst>\d+)_(?P<src>\d+)\.(?P<suffix>wav)$",
+        pattern=CUSTOM,
         extension_fields={"*": ["dst", "src"]},
     )
     assert custom.match("20251104_120304_1121_5511.wav")[0] == "20251104120304"
     with pytest.raises(H.RecordingsError, match="lacks the named group"):
         matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59", pattern=r"^(?P<date>\d{8})$")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    exts=st.lists(st.sampled_from(rs.EXTENSIONS), min_size=1, max_size=3, unique=True),
+    fields=st.sampled_from([None, {"*": ["dst"]}, {"*": ["uniqueid"]}, {"in": ["src"], "*": ["dst", "src"]}]),
+    junk=st.lists(st.text(st.characters(blacklist_characters="/\0"), min_size=1, max_size=30), max_size=5),
+)
+def test_candidates_hold_every_name_that_matches(exts, fields, junk):
+    """candidates() is only a pre-filter: every name match() selects is among them, once, and
+    match_candidate() agrees with match() on each. Names with newlines, dashes or extensions
+    in other fields (the generator's 11210, 1013010, phone numbers) included."""
+    m = matcher(exts, "2024-12-30 00:00", "2025-02-01 23:59", extension_fields=fields)
+    names = [c.name for c in CALLS] + junk + ["x\n" + CALLS[0].name, CALLS[1].name + "\n"]
+    cands = m.candidates(names)
+    assert len(cands) == len(set(cands)) and set(cands) <= set(names)
+    matched = [n for n in names if m.match(n) is not None]
+    assert set(matched) <= set(cands)
+    assert all(m.match_candidate(n) == m.match(n) for n in cands)
+    if fields is None:  # the default pattern and fields: the dashed needle
+        assert m.needle.pattern.startswith("-(?:")
+
+
+def test_custom_patterns_use_the_plain_extension_as_needle():
+    m = matcher(["1121"], "2025-11-04 00:00", "2025-11-04 23:59", pattern=CUSTOM)
+    assert m.candidates(["20251104_120304_1121_5511.wav", "20251104_120304_2010_5511.wav"]) == [
+        "20251104_120304_1121_5511.wav"
+    ]
+    assert m.match_candidate("20251104_120304_1121_5511.wav")[1] == ["1121"]
 
 
 # ----------------------------------------------------------------------- window

@@ -17,7 +17,8 @@ description:
     O(prefix) of a flat store, filters the keys by name exactly like M(athome.voip.recordings_select) (same parser, same
     window rules), streams the selected objects into a ZIP in a temporary file (bounded memory, ZIP64 when
     needed), uploads it to O(results_bucket) and returns a presigned GET URL valid O(expiry) seconds.
-  - Above O(max_files) or O(max_bytes) nothing is zipped and RV(too_many) says why.
+  - Above O(max_files) or O(max_bytes) nothing is zipped and RV(too_many) says why. The listing stops at the first
+    key past a limit (O(max_files) + 1 keys) and requests no further page.
   - Credentials come from boto3's standard chain (environment, shared config/credentials, O(profile), instance
     role); the module takes none as options.
   - Running again with the same O(request_id) and the same selection does not upload again (not changed) and
@@ -138,7 +139,7 @@ results_key:
   type: str
   returned: always
 list_calls:
-  description: ListObjectsV2 requests made to select (pages of all listed prefixes).
+  description: ListObjectsV2 requests made to select (pages of all listed prefixes, up to the page where a limit was passed).
   type: int
   returned: always
 dirs_listed:
@@ -232,7 +233,7 @@ def with_slash(prefix):
 CHRONOLOGICAL_FORMAT = re.compile(r"^%Y([^%]*)%m([^%]*)%d$")
 
 
-def list_selection(client, bucket, prefix, matcher, layout, dir_format, listing="auto"):
+def list_selection(client, bucket, prefix, matcher, layout, dir_format, listing="auto", max_files=0, max_bytes=0):
     """List only the keys of the window's days, filter them by name, count list calls.
 
     listing=days: one paginated listing per day prefix (prefix + '2025/11/04/').
@@ -242,11 +243,17 @@ def list_selection(client, bucket, prefix, matcher, layout, dir_format, listing=
     days, in ceil(keys/1000) calls instead of at least one per day. auto picks range when
     dir_format sorts chronologically, else days. A flat layout lists the prefix with
     Delimiter=/ (the whole store: there is no date in the key path).
+    With max_files / max_bytes (0: no limit) the listing stops at the first match past a
+    limit, as the local scan does: no further page is requested, and the selection says so
+    (stopped, over_limits: "more than N files (the limit)").
     """
     sel = Selection()
+    limits = (max_files, max_bytes)
     if layout == "flat":
-        return _list_pages(client, sel, dict(Bucket=bucket, Prefix=prefix, Delimiter="/"), prefix, prefix,
-                           matcher, None, None)
+        _list_pages(client, sel, dict(Bucket=bucket, Prefix=prefix, Delimiter="/"), prefix, prefix,
+                    matcher, None, None, limits)
+        sel.sort()
+        return sel
     dirs = matcher.window.day_dirs(dir_format)
     if listing == "auto":
         listing = "range" if CHRONOLOGICAL_FORMAT.match(dir_format.strip("/")) else "days"
@@ -258,24 +265,30 @@ def list_selection(client, bucket, prefix, matcher, layout, dir_format, listing=
         kwargs = dict(Bucket=bucket, Prefix=prefix, StartAfter=prefix + dirs[0] + "/")
         # '0' follows '/' in ASCII: every key of the last day sorts below this bound.
         stop = prefix + dirs[-1] + "0"
-        return _list_pages(client, sel, kwargs, prefix, None, matcher, stop, wanted)
+        _list_pages(client, sel, kwargs, prefix, None, matcher, stop, wanted, limits)
+        sel.sort()
+        return sel
     for day in dirs:
         sel.dirs_listed += 1
         listed = prefix + day + "/"
-        _list_pages(client, sel, dict(Bucket=bucket, Prefix=listed), prefix, listed, matcher, None, None)
+        _list_pages(client, sel, dict(Bucket=bucket, Prefix=listed), prefix, listed, matcher, None, None, limits)
+        if sel.stopped:
+            break
+    sel.sort()
     return sel
 
 
-def _list_pages(client, sel, kwargs, prefix, listed, matcher, stop, wanted_days):
-    """Page through one listing; with stop, end at the first key >= stop (no further call)."""
+def _list_pages(client, sel, kwargs, prefix, listed, matcher, stop, wanted_days, limits):
+    """Page through one listing into sel. With stop, end at the first key >= stop; once the
+    selection is over a limit, end there and mark it stopped: no further call either way."""
+    max_files, max_bytes = limits
     while True:
         page = client.list_objects_v2(**kwargs)
         sel.list_calls += 1
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if stop is not None and key >= stop:
-                sel.sort()
-                return sel
+                return
             if listed is not None:
                 name = key[len(listed):]
             else:  # range listing: keep only <day>/<name> keys of the window's days
@@ -288,11 +301,12 @@ def _list_pages(client, sel, kwargs, prefix, listed, matcher, stop, wanted_days)
             hit = matcher.match(name)
             if hit is not None:
                 sel.add(key[len(prefix):], name, obj["Size"], hit[0], hit[1], hit[2], source=key)
+                if sel.over(max_files, max_bytes):
+                    sel.stopped = True
+                    return
         if not page.get("IsTruncated"):
-            break
+            return
         kwargs = dict(kwargs, ContinuationToken=page["NextContinuationToken"])
-    sel.sort()
-    return sel
 
 
 def write_s3_zip(client, bucket, selection, dest, compression, comment):
@@ -415,7 +429,8 @@ def main():
             config=Config(signature_version="s3v4", s3={"addressing_style": p["addressing_style"]}),
         )
         selection = list_selection(
-            client, p["bucket"], prefix, matcher, p["layout"], p["dir_format"], p["listing"]
+            client, p["bucket"], prefix, matcher, p["layout"], p["dir_format"], p["listing"],
+            max_files=p["max_files"], max_bytes=p["max_bytes"],
         )
         result.update(summary(selection, extensions, p["files_cap"]))
         result["list_calls"] = selection.list_calls
