@@ -345,17 +345,17 @@ def python_client(path: Path, shebang: str, log: Path) -> str:
     return str(path)
 
 
-def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
-    sshd, fail2ban_factory, workdir
-):
-    """- socket: the helper under the client's own interpreter does every runtime command over one
-      connection; fail2ban-client runs only for the config test (`-t`) of the first run, and not
-      at all on the second;
+def test_socket_route_runs_no_client_and_falls_back(sshd, fail2ban_factory, workdir):
+    """- socket: the helper's code under the client's own interpreter (here the module's own, so
+      in the module's process) does every runtime command over one connection and the config
+      test with fail2ban's own reader: fail2ban-client never runs, first run or second;
     - pickle mismatch: a client whose interpreter (Python 3.6) cannot read the server's pickles
       (protocol 5): the module falls back to fail2ban-client and does the same work;
     - transport: client forces fail2ban-client for everything."""
     fleet = {n: fail2ban_factory(n) for n in ("socket", "mismatch", "forced")}
     logs = {n: workdir / f"calls-{n}.log" for n in fleet}
+    for log in logs.values():
+        log.write_text("")
     clients = {
         "socket": python_client(workdir / "client-socket", "/usr/bin/python3", logs["socket"]),
         "mismatch": python_client(workdir / "client-mismatch", servers.pyenv_python("3.6"), logs["mismatch"]),
@@ -379,7 +379,8 @@ def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
         "forced": "client",
     }
     calls = {n: logs[n].read_text().splitlines() for n in fleet}
-    assert [c.split()[2:] for c in calls["socket"]] == [["-t"]]
+    assert calls["socket"] == []
+    assert ["-t"] in [c.split()[2:] for c in calls["forced"]]
     for h in ("mismatch", "forced"):
         assert f"set asterisk unbanip {IP}" in "\n".join(calls[h]), (h, calls[h])
         assert len(calls[h]) >= 6, (h, calls[h])  # status, banned, get x2, set x2, unbanip, -t
@@ -389,3 +390,40 @@ def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
     assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
     assert logs["socket"].read_text() == ""
     assert logs["mismatch"].read_text() and logs["forced"].read_text()
+
+
+@pytest.mark.parametrize("transport", ["auto", "client"])
+def test_a_broken_managed_file_is_detected_and_the_previous_one_restored(
+    sshd, fail2ban_factory, workdir, transport
+):
+    """fail2ban's config test fails because of what the module wrote: the previous managed file is
+    put back and the host fails; the runtime changes (made first) stay. The fault, injected: a
+    managed file hand-edited with a [DEFAULT] section, valid as it is, which the module rewrites as
+    `ignoreip = %(known/ignoreip)s ...`, a value fail2ban cannot interpolate in [DEFAULT].
+    - auto: the test runs in the helper's code with fail2ban's own reader, fail2ban-client never
+      runs (the client here logs every call);
+    - client: `fail2ban-client -t`, for the new file and again for the restored one."""
+    f2b = fail2ban_factory("gv1p")
+    log = workdir / "calls.log"
+    log.write_text("")
+    client = python_client(workdir / "client", "/usr/bin/python3", log)
+    managed = f2b.dir / MANAGED
+    hand_edited = "[DEFAULT]\nignoreip = 127.0.0.1/8 ::1 9.9.9.9\n"
+    managed.write_text(hand_edited)
+    assert f2b.client("-t", check=False).returncode == 0
+    f2b.ban("asterisk", IP)
+    extra = {"gv1p": {"fail2ban_whitelist_client": client, "fail2ban_whitelist_transport": transport}}
+    inv = ssh_inventory(workdir / "inv.yml", sshd, {"gv1p": f2b}, extra=extra)
+
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert res.failed == ["gv1p"], res.to_dict()
+    error = " ".join(res.hosts["gv1p"].report["errors"])
+    assert "fail2ban rejected the new whitelist file, previous content restored" in error, error
+    assert "known/ignoreip" in error, error  # fail2ban's own reason
+    assert managed.read_text() == hand_edited
+    assert f2b.client("-t", check=False).returncode == 0
+    assert IP in f2b.ignore_list("asterisk") and f2b.banned_jails(IP) == []
+    backups = [p for p in managed.parent.iterdir() if p.name.startswith(managed.name + ".")]
+    assert [b.read_text() for b in backups] == [hand_edited]
+    tests = [line for line in log.read_text().splitlines() if line.split()[2:] == ["-t"]]
+    assert len(tests) == (0 if transport == "auto" else 2), log.read_text()

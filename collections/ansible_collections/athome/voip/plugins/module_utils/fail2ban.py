@@ -247,6 +247,10 @@ class Client:
     def close(self):
         pass
 
+    def config_test(self, conf_dir):
+        """None: the caller runs `fail2ban-client -t` (SocketClient does the test in its helper)."""
+        return None
+
     def jails(self, wanted=None):
         if wanted:
             return list(wanted)
