@@ -106,6 +106,18 @@ options:
         fail2ban's own reader, or C(fail2ban-client -c conf_dir -t) itself (see I(transport)).
     type: bool
     default: true
+  expire_days:
+    description:
+      - Remove managed addresses added more than this many days ago, from the managed file and
+        from the running jails (C(delignoreip)), on any run with I(state=present) or I(state=absent);
+        reported in C(expired). C(0) keeps them for good.
+      - The managed file dates each address on a comment line C(# added ADDR DATE) (UTC), which
+        fail2ban ignores. An address without such a line (added by hand or by an older run) is
+        dated by the first run with I(expire_days) set. The address of the run itself never
+        expires; requested again when it was due, it is dated anew.
+      - Addresses that other config files whitelist stay in those jails' runtime lists.
+    type: int
+    default: 0
 extends_documentation_fragment:
   - athome.voip.attributes
 """
@@ -186,6 +198,16 @@ transport_note:
   description: Why C(fail2ban-client) was used with I(transport=auto); empty otherwise.
   returned: always
   type: str
+expired:
+  description: Managed addresses removed (would be, in check mode) because they were older than I(expire_days).
+  returned: always
+  type: list
+  elements: str
+  sample: [4.4.4.4]
+address_changed:
+  description: Whether the address of this run was (would be) added or removed, at runtime or in the file.
+  returned: always
+  type: bool
 config_test:
   description:
     - How the configuration was tested after the managed file changed; empty when it was not.
@@ -214,6 +236,7 @@ backup_file:
 
 import os
 import tempfile
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.athome.voip.plugins.module_utils.fail2ban import (
@@ -222,9 +245,11 @@ from ansible_collections.athome.voip.plugins.module_utils.fail2ban import (
     backups_to_prune,
     base_ignoreip,
     is_single_address,
+    expired_addresses,
     later_overrides,
     managed_jails,
     parse_managed,
+    parse_stamps,
     read_text,
     render_managed,
 )
@@ -307,6 +332,7 @@ def main():
             backup=dict(type="bool", default=True),
             backup_keep=dict(type="int", default=10),
             validate=dict(type="bool", default=True),
+            expire_days=dict(type="int", default=0),
         ),
         required_if=[("state", "present", ["ip"]), ("state", "absent", ["ip"]), ("unban", True, ["ip"])],
         supports_check_mode=True,
@@ -324,7 +350,7 @@ def main():
     result = dict(
         changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[],
         banned_in=[], unbanned=[], ban_method="", backups_pruned=[], transport=client.name,
-        transport_note=note, config_test="", config_test_note="",
+        transport_note=note, config_test="", config_test_note="", expired=[], address_changed=False,
     )
     try:
         run(module, p, client, path, result)
@@ -359,6 +385,18 @@ def run(module, p, client, path, result):
         changes = [
             (j, "delignoreip") for j in jails if ip in runtime[j] and j not in result["kept_by_config"]
         ]
+    # The date each managed address was added, and those past expire_days (never this run's own).
+    added, now, days = parse_stamps(before), time.time(), p["expire_days"] or 0
+    if state == "present" and ip in wanted:
+        if ip not in managed or expired_addresses([ip], added, now, days):
+            added[ip] = now  # new here, or requested again when it was due to expire: dated anew
+    if days > 0:
+        for address in wanted:
+            added.setdefault(address, now)  # an address without a date is dated at first sight
+    if state != "list":
+        result["expired"] = expired_addresses(wanted, added, now, days, keep=ip)
+        wanted = [a for a in wanted if a not in result["expired"]]
+    result["address_changed"] = bool(changes) or (ip in wanted) != (ip in managed)
     # 1. The runtime whitelist first, so the address cannot be banned again
     #    between its unban and its whitelisting.
     for jail, command in changes:
@@ -374,10 +412,18 @@ def run(module, p, client, path, result):
         if not module.check_mode:
             client.unban(jail, ip)
         result["unbanned"].append(jail)
+    # 2b. Expired addresses leave the runtime too (not where other config files whitelist them).
+    for address in result["expired"]:
+        for jail in jails:
+            if address in runtime[jail] and address not in (base[jail] or []):
+                if not module.check_mode:
+                    runtime[jail] = client.ignoreip_change(jail, "delignoreip", address)
+                else:
+                    runtime[jail] = [a for a in runtime[jail] if a != address]
     # 3. Then the persistent file, validated (check_config).
     after = before
     if state != "list" and (before is not None or wanted):
-        after = render_managed(wanted, file_jails, base)
+        after = render_managed(wanted, file_jails, base, added)
         managed = wanted
     if after != before:
         result["file_changed"] = True
@@ -397,7 +443,9 @@ def run(module, p, client, path, result):
                     "whitelist on the next reload: %s" % (path, ", ".join(overriding)))
     result["transport"] = client.name
     result["transport_note"] = result["transport_note"] or getattr(client, "note", "")
-    result["changed"] = bool(result["runtime_changed"] or result["file_changed"] or result["unbanned"])
+    result["changed"] = bool(
+        result["runtime_changed"] or result["file_changed"] or result["unbanned"] or result["expired"]
+    )
     whitelist = set()
     for entries in runtime.values():
         whitelist.update(entries)
