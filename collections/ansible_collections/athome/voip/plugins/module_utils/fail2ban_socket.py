@@ -636,7 +636,9 @@ def open_client(cli, transport, client, conf_dir, sock, which, read_text):
     try:
         interpreter = client_interpreter(client, which)
         path, sock = client_path(client, which), sock or socket_of(conf_dir, read_text)
-        if same_interpreter(interpreter, sys.executable):
+        # Python 2 keeps the helper process: fail2ban's helpers (0.10+) reset Python 2's default
+        # encoding process-wide when the config test imports them, not in the module's process.
+        if sys.version_info[0] >= 3 and same_interpreter(interpreter, sys.executable):
             return FallbackClient(InProcessClient(sock, client_path=path), cli), ""
         return FallbackClient(SocketClient(interpreter, sock, client_path=path), cli), ""
     except TransportError as e:

@@ -15,8 +15,8 @@ description:
   - Talks to the fail2ban server over one connection for the whole run. A helper
     started under the interpreter of C(fail2ban-client)'s shebang (the one fail2ban
     runs under, so it reads the server's pickles) speaks the server's socket protocol;
-    when the module already runs under that same interpreter (the same path), the
-    helper's code runs in the module's own process instead, one Python start less.
+    when the module already runs under that same interpreter (the same path, Python 3),
+    the helper's code runs in the module's own process instead, one Python start less.
     When that route cannot be used (the client is not a Python script, no socket,
     an unreadable answer), or with I(transport=client), every command runs through
     C(fail2ban-client) instead; C(transport) in the result says which was used.
