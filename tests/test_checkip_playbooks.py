@@ -8,7 +8,9 @@ recipe 02/07), or with ansible_connection=local like the demo.
 from __future__ import annotations
 
 import os
+import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -345,17 +347,17 @@ def python_client(path: Path, shebang: str, log: Path) -> str:
     return str(path)
 
 
-def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
-    sshd, fail2ban_factory, workdir
-):
-    """- socket: the helper under the client's own interpreter does every runtime command over one
-      connection; fail2ban-client runs only for the config test (`-t`) of the first run, and not
-      at all on the second;
+def test_socket_route_runs_no_client_and_falls_back(sshd, fail2ban_factory, workdir):
+    """- socket: the helper's code under the client's own interpreter (here the module's own, so
+      in the module's process) does every runtime command over one connection and the config
+      test with fail2ban's own reader: fail2ban-client never runs, first run or second;
     - pickle mismatch: a client whose interpreter (Python 3.6) cannot read the server's pickles
       (protocol 5): the module falls back to fail2ban-client and does the same work;
     - transport: client forces fail2ban-client for everything."""
     fleet = {n: fail2ban_factory(n) for n in ("socket", "mismatch", "forced")}
     logs = {n: workdir / f"calls-{n}.log" for n in fleet}
+    for log in logs.values():
+        log.write_text("")
     clients = {
         "socket": python_client(workdir / "client-socket", "/usr/bin/python3", logs["socket"]),
         "mismatch": python_client(workdir / "client-mismatch", servers.pyenv_python("3.6"), logs["mismatch"]),
@@ -379,7 +381,8 @@ def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
         "forced": "client",
     }
     calls = {n: logs[n].read_text().splitlines() for n in fleet}
-    assert [c.split()[2:] for c in calls["socket"]] == [["-t"]]
+    assert calls["socket"] == []
+    assert ["-t"] in [c.split()[2:] for c in calls["forced"]]
     for h in ("mismatch", "forced"):
         assert f"set asterisk unbanip {IP}" in "\n".join(calls[h]), (h, calls[h])
         assert len(calls[h]) >= 6, (h, calls[h])  # status, banned, get x2, set x2, unbanip, -t
@@ -389,3 +392,105 @@ def test_socket_route_runs_the_client_for_the_config_test_only_and_falls_back(
     assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
     assert logs["socket"].read_text() == ""
     assert logs["mismatch"].read_text() and logs["forced"].read_text()
+
+
+@pytest.mark.parametrize("transport", ["auto", "client"])
+def test_a_broken_managed_file_is_detected_and_the_previous_one_restored(
+    sshd, fail2ban_factory, workdir, transport
+):
+    """fail2ban's config test fails because of what the module wrote: the previous managed file is
+    put back and the host fails; the runtime changes (made first) stay. The fault, injected: a
+    managed file hand-edited with a [DEFAULT] section, valid as it is, which the module rewrites as
+    `ignoreip = %(known/ignoreip)s ...`, a value fail2ban cannot interpolate in [DEFAULT].
+    - auto: the test runs in the helper's code with fail2ban's own reader, fail2ban-client never
+      runs (the client here logs every call);
+    - client: `fail2ban-client -t`, for the new file and again for the restored one."""
+    f2b = fail2ban_factory("gv1p")
+    log = workdir / "calls.log"
+    log.write_text("")
+    client = python_client(workdir / "client", "/usr/bin/python3", log)
+    managed = f2b.dir / MANAGED
+    hand_edited = "[DEFAULT]\nignoreip = 127.0.0.1/8 ::1 9.9.9.9\n"
+    managed.write_text(hand_edited)
+    assert f2b.client("-t", check=False).returncode == 0
+    f2b.ban("asterisk", IP)
+    extra = {"gv1p": {"fail2ban_whitelist_client": client, "fail2ban_whitelist_transport": transport}}
+    inv = ssh_inventory(workdir / "inv.yml", sshd, {"gv1p": f2b}, extra=extra)
+
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert res.failed == ["gv1p"], res.to_dict()
+    error = " ".join(res.hosts["gv1p"].report["errors"])
+    assert "fail2ban rejected the new whitelist file, previous content restored" in error, error
+    assert "known/ignoreip" in error, error  # fail2ban's own reason
+    assert managed.read_text() == hand_edited
+    assert f2b.client("-t", check=False).returncode == 0
+    assert IP in f2b.ignore_list("asterisk") and f2b.banned_jails(IP) == []
+    backups = [p for p in managed.parent.iterdir() if p.name.startswith(managed.name + ".")]
+    assert [b.read_text() for b in backups] == [hand_edited]
+    tests = [line for line in log.read_text().splitlines() if line.split()[2:] == ["-t"]]
+    assert len(tests) == (0 if transport == "auto" else 2), log.read_text()
+
+
+def age_entry(f2b: servers.Fail2ban, ip: str, days: int) -> None:
+    """Date `ip` in the managed file `days` days back, as a run that long ago wrote it."""
+    managed = f2b.dir / MANAGED
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - days * 86400))
+    text, count = re.subn(
+        rf"^# added {re.escape(ip)} \S+$", f"# added {ip} {old}", managed.read_text(), flags=re.M
+    )
+    assert count == 1, text
+    managed.write_text(text)
+
+
+def test_expired_whitelist_entries_leave_the_file_and_the_running_jails(sshd, fleet, workdir):
+    """fail2ban_whitelist_expire_days: 30 on gv1p and gv2p, unset (off) on gv3p. An address
+    added 40 days ago is removed by the next CHECKIP of another address, from the managed file
+    and from every jail, and reported; one added 29 days ago stays, and so does an address
+    written by hand without a date (dated by that run instead); gv1p's jail.local whitelists
+    5.5.5.5 itself, so that address stays in gv1p's running jails. gv3p keeps everything."""
+    expiring = {"fail2ban_whitelist_expire_days": 30}
+    inv = ssh_inventory(workdir / "inv.yml", sshd, fleet, extra={"gv1p": expiring, "gv2p": expiring})
+    for ip in ("4.4.4.4", "5.5.5.5", "6.6.6.6"):
+        res = run_playbook("unban.yml", inventory=inv, extravars={"ip": ip})
+        assert res.succeeded, res.to_dict()
+        assert all(res.hosts[h].report["expired"] == [] for h in fleet), res.to_dict()
+    for f2b in fleet.values():
+        age_entry(f2b, "4.4.4.4", 40)
+        age_entry(f2b, "5.5.5.5", 40)
+        age_entry(f2b, "6.6.6.6", 29)
+        managed = f2b.dir / MANAGED
+        managed.write_text(managed.read_text().replace("6.6.6.6\n", "6.6.6.6 7.7.7.7\n"))  # by hand, no date
+    jail_local = fleet["gv1p"].dir / "jail.local"
+    jail_local.write_text(jail_local.read_text().replace("10.9.9.9", "10.9.9.9 5.5.5.5"))
+
+    res = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert res.succeeded, res.to_dict()
+    reports = {h: res.hosts[h].report for h in fleet}
+    assert {h: r["expired"] for h, r in reports.items()} == {
+        "gv1p": ["4.4.4.4", "5.5.5.5"],
+        "gv2p": ["4.4.4.4", "5.5.5.5"],
+        "gv3p": [],
+    }
+    assert {r["whitelisted"] for r in reports.values()} == {"new"}
+    for h, f2b in fleet.items():
+        managed = (f2b.dir / MANAGED).read_text()
+        # 7.7.7.7 was written into the file by hand: in the file, in the jails after a reload.
+        assert "7.7.7.7" in managed
+        kept = ["6.6.6.6", IP] + (["4.4.4.4", "5.5.5.5"] if h == "gv3p" else [])
+        for jail in f2b.JAILS:
+            ignored = f2b.ignore_list(jail)
+            assert set(kept) <= set(ignored), (h, jail, ignored)
+            if h != "gv3p":
+                assert "4.4.4.4" not in ignored and "4.4.4.4" not in managed, (h, jail, ignored)
+                assert ("5.5.5.5" in ignored) is (h == "gv1p"), (h, jail, ignored)  # its jail.local has it
+                assert "5.5.5.5" not in managed
+        assert re.search(r"^# added 7\.7\.7\.7 \S+$", managed, re.M) or h == "gv3p", managed
+    # A reload reads the file the run left: the expired addresses stay out, the hand-written one comes in.
+    for h in ("gv1p", "gv2p"):
+        before = {j: sorted(fleet[h].ignore_list(j) + ["7.7.7.7"]) for j in fleet[h].JAILS}
+        assert fleet[h].client("reload").returncode == 0
+        assert {j: sorted(fleet[h].ignore_list(j)) for j in fleet[h].JAILS} == before
+
+    again = run_playbook("unban.yml", inventory=inv, extravars={"ip": IP})
+    assert {again.hosts[h].status for h in fleet} == {"ok"}, again.to_dict()
+    assert {tuple(again.hosts[h].report["expired"]) for h in fleet} == {()}

@@ -16,11 +16,13 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import ast
+import calendar
 import glob
 import io
 import os
 import re
 import socket
+import time
 
 KNOWN = "%(known/ignoreip)s"
 MANAGED_HEADER = (
@@ -208,11 +210,45 @@ def parse_managed(text):
     return order
 
 
-def render_managed(addresses, jails, base):
-    """Content of the managed jail.d file for these addresses and jails."""
+# When each managed address was added, as comment lines fail2ban ignores: "# added ADDR DATE".
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_STAMP_LINE = re.compile(r"^#\s*added\s+(\S+)\s+([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)\s*$", re.M)
+
+
+def stamp(epoch):
+    """An epoch time as the UTC date written in the managed file."""
+    return time.strftime(STAMP_FORMAT, time.gmtime(epoch))
+
+
+def parse_stamps(text):
+    """{address: epoch seconds} from the "# added ADDR DATE" lines of the managed file; a date
+    that is not one (a slip of a hand edit) counts as none."""
+    found = {}
+    for m in _STAMP_LINE.finditer(text or ""):
+        try:
+            found[m.group(1)] = calendar.timegm(time.strptime(m.group(2), STAMP_FORMAT))
+        except ValueError:
+            continue
+    return found
+
+
+def expired_addresses(addresses, added, now, days, keep=None):
+    """Addresses added more than `days` days before `now` (0 days: none), except `keep`.
+    An address without a date never expires here (the module dates it first)."""
+    if not days or days <= 0:
+        return []
+    limit = now - days * 86400
+    return [a for a in addresses if a != keep and a in added and added[a] < limit]
+
+
+def render_managed(addresses, jails, base, added=None):
+    """Content of the managed jail.d file for these addresses and jails; `added` gives the
+    date line of each address that has one ({address: epoch seconds})."""
     if not addresses:
         return MANAGED_HEADER
     parts = [MANAGED_HEADER]
+    added = added or {}
+    parts.extend("# added %s %s\n" % (a, stamp(added[a])) for a in addresses if a in added)
     for jail in sorted(jails):
         prefix = [KNOWN] if base.get(jail) is not None else []
         parts.append("\n[%s]\nignoreip = %s\n" % (jail, " ".join(prefix + list(addresses))))
@@ -246,6 +282,10 @@ class Client:
 
     def close(self):
         pass
+
+    def config_test(self, conf_dir):
+        """None: the caller runs `fail2ban-client -t` (SocketClient does the test in its helper)."""
+        return None
 
     def jails(self, wanted=None):
         if wanted:

@@ -14,7 +14,9 @@ short_description: Unban and whitelist an address in fail2ban, at once and persi
 description:
   - Talks to the fail2ban server over one connection for the whole run. A helper
     started under the interpreter of C(fail2ban-client)'s shebang (the one fail2ban
-    runs under, so it reads the server's pickles) speaks the server's socket protocol.
+    runs under, so it reads the server's pickles) speaks the server's socket protocol;
+    when the module already runs under that same interpreter (the same path, Python 3),
+    the helper's code runs in the module's own process instead, one Python start less.
     When that route cannot be used (the client is not a Python script, no socket,
     an unreadable answer), or with I(transport=client), every command runs through
     C(fail2ban-client) instead; C(transport) in the result says which was used.
@@ -31,8 +33,13 @@ description:
     ignores through jail.conf, jail.local or other jail.d files is kept, including
     jails that set their own ignoreip. A jail with no ignoreip anywhere gets the
     managed addresses alone (fail2ban cannot interpolate a missing value).
-  - The file is backed up before each change and checked with
-    C(fail2ban-client -t); a failing check restores the previous content.
+  - The file is backed up before each change and checked with fail2ban's
+    configuration test; a failing check restores the previous content. On the socket
+    route the helper does the test itself with fail2ban's own reader, the code
+    C(fail2ban-client -t) runs (Configurator, every jail read strictly and converted
+    to the server's commands), so no further process starts; otherwise, or when the
+    helper cannot import that reader, C(fail2ban-client -c conf_dir -t) runs.
+    C(config_test) in the result says which.
   - C(state=absent) removes only what this module manages; an address that comes
     from another config file is left alone and reported in C(kept_by_config).
   - C(state=list) changes nothing and returns the ignore lists.
@@ -70,7 +77,9 @@ options:
       - C(auto) uses one socket connection through a helper under fail2ban's own
         interpreter and falls back to C(fail2ban-client) when that route fails;
         C(client) always runs C(fail2ban-client) (one process per command).
-      - The configuration test (I(validate)) always runs C(fail2ban-client -t).
+      - The configuration test (I(validate)) runs in the helper on the socket route (fail2ban's
+        own reader, as C(fail2ban-client -t) reads), and as C(fail2ban-client -t) with I(transport=client)
+        or when the helper cannot import fail2ban's reader.
     type: str
     choices: [auto, client]
     default: auto
@@ -91,9 +100,24 @@ options:
     type: int
     default: 10
   validate:
-    description: Run C(fail2ban-client -c conf_dir -t) after writing and roll back when it fails.
+    description:
+      - Test fail2ban's configuration after writing the managed file and roll back when it fails.
+      - The test is what C(fail2ban-client -c conf_dir -t) does, run by the socket helper with
+        fail2ban's own reader, or C(fail2ban-client -c conf_dir -t) itself (see I(transport)).
     type: bool
     default: true
+  expire_days:
+    description:
+      - Remove managed addresses added more than this many days ago, from the managed file and
+        from the running jails (C(delignoreip)), on any run with I(state=present) or I(state=absent);
+        reported in C(expired). C(0) keeps them for good.
+      - The managed file dates each address on a comment line C(# added ADDR DATE) (UTC), which
+        fail2ban ignores. An address without such a line (added by hand or by an older run) is
+        dated by the first run with I(expire_days) set. The address of the run itself never
+        expires; requested again when it was due, it is dated anew.
+      - Addresses that other config files whitelist stay in those jails' runtime lists.
+    type: int
+    default: 0
 extends_documentation_fragment:
   - athome.voip.attributes
 """
@@ -174,6 +198,27 @@ transport_note:
   description: Why C(fail2ban-client) was used with I(transport=auto); empty otherwise.
   returned: always
   type: str
+expired:
+  description: Managed addresses removed (would be, in check mode) because they were older than I(expire_days).
+  returned: always
+  type: list
+  elements: str
+  sample: [4.4.4.4]
+address_changed:
+  description: Whether the address of this run was (would be) added or removed, at runtime or in the file.
+  returned: always
+  type: bool
+config_test:
+  description:
+    - How the configuration was tested after the managed file changed; empty when it was not.
+    - C(helper) (fail2ban's reader in the socket helper) or C(client) (C(fail2ban-client -t)).
+  returned: always
+  type: str
+  sample: helper
+config_test_note:
+  description: Why C(fail2ban-client -t) ran on the socket route (fail2ban's reader not importable there).
+  returned: always
+  type: str
 path:
   description: The managed file.
   returned: always
@@ -191,6 +236,7 @@ backup_file:
 
 import os
 import tempfile
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.athome.voip.plugins.module_utils.fail2ban import (
@@ -199,9 +245,11 @@ from ansible_collections.athome.voip.plugins.module_utils.fail2ban import (
     backups_to_prune,
     base_ignoreip,
     is_single_address,
+    expired_addresses,
     later_overrides,
     managed_jails,
     parse_managed,
+    parse_stamps,
     read_text,
     render_managed,
 )
@@ -223,8 +271,17 @@ def write(module, path, content):
     module.atomic_move(tmp, path)
 
 
-def config_ok(module, client, conf_dir):
-    rc, out, err = module.run_command([client, "-c", conf_dir, "-t"])
+def config_ok(module, client, executable, conf_dir, result):
+    """(ok, message) of fail2ban's configuration test: in the socket helper, which already
+    runs under fail2ban's interpreter and reads the config with fail2ban's own reader as
+    `-t` does, else `fail2ban-client -c conf_dir -t`. result["config_test"] says which."""
+    found = client.config_test(conf_dir)
+    if found is not None:
+        result["config_test"] = "helper"
+        return found
+    result["config_test"] = "client"
+    result["config_test_note"] = client.config_note if client.name == "socket" else ""
+    rc, out, err = module.run_command([executable, "-c", conf_dir, "-t"])
     return rc == 0, (err or out).strip()[-500:]
 
 
@@ -235,18 +292,19 @@ def restore(module, path, before):
         write(module, path, before)
 
 
-def check_config(module, client, conf_dir, path, before, after, result):
-    """`fail2ban-client -t` on the new config; when it fails, restore the old file and fail.
+def check_config(module, client, executable, conf_dir, path, before, after, result):
+    """fail2ban's config test (config_ok) on the new config; when it fails, restore the old
+    file and fail.
 
     A config that already failed the same test without our change (a jail whose log
     file is missing) is not blamed on us: the new file is written back unvalidated,
     with a warning. The old config is tested only when the new one fails, so a
     normal change costs one test."""
-    ok, message = config_ok(module, client, conf_dir)
+    ok, message = config_ok(module, client, executable, conf_dir, result)
     if ok:
         return
     restore(module, path, before)
-    baseline_ok, baseline_msg = config_ok(module, client, conf_dir)
+    baseline_ok, baseline_msg = config_ok(module, client, executable, conf_dir, result)
     if not baseline_ok:
         write(module, path, after)
         module.warn("fail2ban's config fails its own test before this change (%s); "
@@ -274,6 +332,7 @@ def main():
             backup=dict(type="bool", default=True),
             backup_keep=dict(type="int", default=10),
             validate=dict(type="bool", default=True),
+            expire_days=dict(type="int", default=0),
         ),
         required_if=[("state", "present", ["ip"]), ("state", "absent", ["ip"]), ("unban", True, ["ip"])],
         supports_check_mode=True,
@@ -291,7 +350,7 @@ def main():
     result = dict(
         changed=False, path=path, runtime_changed=[], file_changed=False, kept_by_config=[],
         banned_in=[], unbanned=[], ban_method="", backups_pruned=[], transport=client.name,
-        transport_note=note,
+        transport_note=note, config_test="", config_test_note="", expired=[], address_changed=False,
     )
     try:
         run(module, p, client, path, result)
@@ -326,6 +385,18 @@ def run(module, p, client, path, result):
         changes = [
             (j, "delignoreip") for j in jails if ip in runtime[j] and j not in result["kept_by_config"]
         ]
+    # The date each managed address was added, and those past expire_days (never this run's own).
+    added, now, days = parse_stamps(before), time.time(), p["expire_days"] or 0
+    if state == "present" and ip in wanted:
+        if ip not in managed or expired_addresses([ip], added, now, days):
+            added[ip] = now  # new here, or requested again when it was due to expire: dated anew
+    if days > 0:
+        for address in wanted:
+            added.setdefault(address, now)  # an address without a date is dated at first sight
+    if state != "list":
+        result["expired"] = expired_addresses(wanted, added, now, days, keep=ip)
+        wanted = [a for a in wanted if a not in result["expired"]]
+    result["address_changed"] = bool(changes) or (ip in wanted) != (ip in managed)
     # 1. The runtime whitelist first, so the address cannot be banned again
     #    between its unban and its whitelisting.
     for jail, command in changes:
@@ -341,10 +412,18 @@ def run(module, p, client, path, result):
         if not module.check_mode:
             client.unban(jail, ip)
         result["unbanned"].append(jail)
+    # 2b. Expired addresses leave the runtime too (not where other config files whitelist them).
+    for address in result["expired"]:
+        for jail in jails:
+            if address in runtime[jail] and address not in (base[jail] or []):
+                if not module.check_mode:
+                    runtime[jail] = client.ignoreip_change(jail, "delignoreip", address)
+                else:
+                    runtime[jail] = [a for a in runtime[jail] if a != address]
     # 3. Then the persistent file, validated (check_config).
     after = before
     if state != "list" and (before is not None or wanted):
-        after = render_managed(wanted, file_jails, base)
+        after = render_managed(wanted, file_jails, base, added)
         managed = wanted
     if after != before:
         result["file_changed"] = True
@@ -357,14 +436,16 @@ def run(module, p, client, path, result):
                     result["backups_pruned"].append(os.path.join(folder, old))
             write(module, path, after)
             if p["validate"]:
-                check_config(module, p["client"], p["conf_dir"], path, before, after, result)
+                check_config(module, client, p["client"], p["conf_dir"], path, before, after, result)
     overriding = later_overrides(p["conf_dir"], path, file_jails) if state != "list" else []
     if overriding:
         module.warn("these files are read after %s and set ignoreip, overriding the managed "
                     "whitelist on the next reload: %s" % (path, ", ".join(overriding)))
     result["transport"] = client.name
     result["transport_note"] = result["transport_note"] or getattr(client, "note", "")
-    result["changed"] = bool(result["runtime_changed"] or result["file_changed"] or result["unbanned"])
+    result["changed"] = bool(
+        result["runtime_changed"] or result["file_changed"] or result["unbanned"] or result["expired"]
+    )
     whitelist = set()
     for entries in runtime.values():
         whitelist.update(entries)

@@ -112,3 +112,31 @@ def test_only_the_newest_backups_of_the_managed_file_are_kept():
     assert f2b.backups_to_prune(names, base, 2) == oldest_two
     assert f2b.backups_to_prune(names, base, 0) == []
     assert f2b.backups_to_prune(names, base, 10) == []
+
+
+DAY = 86400
+NOW = 1764470400  # 2025-11-30T02:40:00Z
+
+
+def test_dates_of_managed_addresses_round_trip_through_the_file():
+    added = {"3.3.3.3": NOW - 40 * DAY, "2001:db8::7": NOW}
+    base = {"sshd": ["127.0.0.1/8"]}
+    text = f2b.render_managed(["3.3.3.3", "2001:db8::7", "5.5.5.5"], ["sshd"], base, added)
+    assert "# added 3.3.3.3 2025-10-21T02:40:00Z\n" in text
+    assert "# added 2001:db8::7 2025-11-30T02:40:00Z\n" in text
+    assert "# added 5.5.5.5" not in text  # no date known: no line (dated by a run with expiry on)
+    assert f2b.parse_stamps(text) == added
+    # The date lines are comments: fail2ban and parse_managed see the same addresses as before.
+    assert f2b.parse_managed(text) == ["3.3.3.3", "2001:db8::7", "5.5.5.5"]
+    assert f2b.parse_stamps("# added 3.3.3.3 yesterday\n# added 4.4.4.4 2025-13-01T00:00:00Z\n") == {}
+    # Without dates the file is what older runs wrote.
+    assert f2b.render_managed(["3.3.3.3"], ["sshd"], base, {}) == f2b.render_managed(["3.3.3.3"], ["sshd"], base)
+
+
+def test_expired_addresses_are_older_than_the_days_except_this_runs_own():
+    added = {"3.3.3.3": NOW - 40 * DAY, "4.4.4.4": NOW - 29 * DAY, "6.6.6.6": NOW - 31 * DAY}
+    addresses = ["3.3.3.3", "4.4.4.4", "5.5.5.5", "6.6.6.6"]
+    assert f2b.expired_addresses(addresses, added, NOW, 30) == ["3.3.3.3", "6.6.6.6"]
+    assert f2b.expired_addresses(addresses, added, NOW, 30, keep="6.6.6.6") == ["3.3.3.3"]
+    assert f2b.expired_addresses(addresses, added, NOW, 0) == []
+    assert f2b.expired_addresses(addresses, added, NOW, 41) == []

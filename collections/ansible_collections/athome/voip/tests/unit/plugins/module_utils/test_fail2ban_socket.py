@@ -250,3 +250,168 @@ def test_answer_parsers_refuse_what_they_do_not_know():
             fs.answer_get_banned_ip(bad)
     with pytest.raises(Fail2banError):
         fs.answer_list("These IP addresses", "ignoreip")
+
+
+# --------------------------------------------------------- in-process route, config test
+
+CONFIGURATOR = """
+import logging
+import os
+import sys
+
+log = logging.getLogger("fail2ban.configurator")
+
+
+class Configurator:
+    def setBaseDir(self, folder):
+        self.folder = folder
+
+    def readEarly(self):
+        with open(os.path.join(self.folder, "fail2ban.conf")) as f:
+            self.early = dict(line.strip().split(" = ", 1) for line in f if " = " in line)
+
+    def getEarlyOptions(self):
+        return self.early
+
+    def Reload(self):
+        pass
+
+    def readAll(self):
+        self.readEarly()
+        with open(os.path.join(self.folder, "jail.local")) as f:
+            self.text = f.read()
+        sys.stdout.write("fail2ban code printing on stdout\\n")
+
+    def getOptions(self, %(signature)s):
+        %(check)s
+        if "BROKEN" in self.text:
+            log.error("Errors in jail 'ghost'.")
+            return False
+        return True
+
+    def convertToProtocol(self, allow_no_files=False):
+        if "NOLOG" in self.text:
+            raise ValueError("Have not found any log file for ghost jail")
+
+    def getConfigStream(self):
+        return []
+"""
+HELPERS = """
+def str2LogLevel(value):
+    if value not in ("INFO", "DEBUG"):
+        raise ValueError("Invalid log level %r" % (value,))
+    return 20
+"""
+# fail2ban 0.10 to 1.1: getOptions(jail, updateMainOpt, ignoreWrong) and helpers.str2LogLevel;
+# 0.9: getOptions(jail) only, and no str2LogLevel.
+STANDINS = {
+    "0.10+": dict(
+        signature="jail=None, updateMainOpt=None, ignoreWrong=True",
+        check="assert jail is None and ignoreWrong is False and updateMainOpt['loglevel'] == 'INFO'",
+        helpers=True,
+    ),
+    "0.9": dict(signature="jail=None", check="assert jail is None", helpers=False),
+}
+
+
+def standin_fail2ban(root, version):
+    """A folder holding a fail2ban-client script and a stand-in `fail2ban` package beside it
+    (ansible-test's venvs have no fail2ban; the real one is tested in tests/test_checkip_playbooks.py)."""
+    spec = STANDINS[version]
+    pkg = os.path.join(root, "fail2ban", "client")
+    os.makedirs(pkg)
+    for folder in (os.path.join(root, "fail2ban"), pkg):
+        open(os.path.join(folder, "__init__.py"), "w").close()
+    with open(os.path.join(pkg, "configurator.py"), "w") as f:
+        f.write(CONFIGURATOR % spec)
+    if spec["helpers"]:
+        with open(os.path.join(root, "fail2ban", "helpers.py"), "w") as f:
+            f.write(HELPERS)
+    client = os.path.join(root, "fail2ban-client")
+    with open(client, "w") as f:
+        f.write("#!%s\n" % sys.executable)
+    conf = os.path.join(root, "conf")
+    os.makedirs(conf)
+    return client, conf
+
+
+def write_conf(conf, jail_local, loglevel="INFO"):
+    with open(os.path.join(conf, "fail2ban.conf"), "w") as f:
+        f.write("loglevel = %s\n" % loglevel)
+    with open(os.path.join(conf, "jail.local"), "w") as f:
+        f.write(jail_local)
+
+
+@pytest.mark.parametrize("version", sorted(STANDINS))
+def test_the_helper_process_tests_the_config_with_fail2bans_reader(server, tmpdir, version):
+    client_path, conf = standin_fail2ban(str(tmpdir), version)
+    client = fs.SocketClient([sys.executable], server.path, client_path=client_path)
+    try:
+        write_conf(conf, "[sshd]\nenabled = true\n")
+        assert client.config_test(conf) == (True, "")
+        write_conf(conf, "[ghost]\nBROKEN\n")
+        assert client.config_test(conf) == (False, "Errors in jail 'ghost'.")
+        write_conf(conf, "[ghost]\nNOLOG\n")
+        ok, message = client.config_test(conf)
+        assert not ok and "Have not found any log file for ghost jail" in message
+        write_conf(conf, "[sshd]\n", loglevel="LOUD")
+        ok, message = client.config_test(conf)
+        assert ok is (version == "0.9") and ("Invalid log level" in message) is (version != "0.9")
+        # The connection is still there after the tests (and fail2ban's stdout noise).
+        assert client.jails() == ["asterisk", "sshd"]
+    finally:
+        client.close()
+
+
+def forget_fail2ban():
+    for name in [m for m in sys.modules if m == "fail2ban" or m.startswith("fail2ban.")]:
+        del sys.modules[name]
+
+
+def test_no_fail2ban_reader_means_fail2ban_client_tests_the_config(server, tmpdir):
+    """A fail2ban whose reader cannot be imported (the package beside the client raises on
+    import, shadowing any installed one): None, so the module runs fail2ban-client -t."""
+    tmpdir.mkdir("fail2ban").join("__init__.py").write("raise ImportError('stand-in: no reader here')\n")
+    client_path = str(tmpdir.join("fail2ban-client"))
+    forget_fail2ban()
+    for client in (
+        fs.SocketClient([sys.executable], server.path, client_path=client_path),
+        fs.InProcessClient(server.path, client_path=client_path),
+    ):
+        try:
+            assert client.config_test(str(tmpdir)) is None
+            assert "cannot import fail2ban's config reader" in client.config_note
+            assert "no reader here" in client.config_note
+            assert client.jails() == ["asterisk", "sshd"]
+        finally:
+            client.close()
+    forget_fail2ban()
+
+
+def test_in_process_route_answers_and_tests_like_the_helper(server, tmpdir):
+    """The helper's code in the module's own process (same interpreter as the client's shebang)."""
+    client_path, conf = standin_fail2ban(str(tmpdir), "0.10+")
+    forget_fail2ban()
+    before = list(sys.path)
+    client = fs.InProcessClient(server.path, client_path=client_path)
+    try:
+        assert client.jails() == ["asterisk", "sshd"]
+        assert client.ignoreip_change("asterisk", "addignoreip", "3.3.3.3")[-1] == "3.3.3.3"
+        with pytest.raises(Fail2banError):
+            client.ignoreip("nosuch")
+        write_conf(conf, "[ghost]\nBROKEN\n")
+        assert client.config_test(conf) == (False, "Errors in jail 'ghost'.")
+        assert sys.path == before  # the client's folder was on the path for the import only
+    finally:
+        client.close()
+        forget_fail2ban()
+    assert server.connections == 1 and server.received[0] == ("ping",)
+    with pytest.raises(fs.TransportError):
+        fs.InProcessClient(server.path + ".missing")
+
+
+def test_same_interpreter_only_for_the_same_path():
+    assert fs.same_interpreter(["/usr/bin/python3"], "/usr/bin/python3")
+    assert fs.same_interpreter(["/usr/bin/python3", "-Es"], "/usr/bin//python3")
+    assert not fs.same_interpreter(["/opt/venv/bin/python3"], "/usr/bin/python3")
+    assert not fs.same_interpreter(["/usr/bin/python3"], "")
