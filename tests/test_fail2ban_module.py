@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,3 +135,37 @@ def test_an_older_interpreter_cannot_read_the_servers_pickles(fail2ban_factory, 
     with pytest.raises(fs.TransportError) as info:
         fs.SocketClient([servers.pyenv_python(version)], str(f2b.sock))
     assert "unsupported pickle protocol: 5" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[DEFAULT]\nignoreip = 127.0.0.1/8 ::1\n[sshd]\nIgnoreIP = 10.1.1.1\n  10.1.1.2\n",
+        "[sshd ]\nignoreip = 9.9.9.9\n[asterisk]\nIGNOREIP: 10.2.2.2\n",
+        "[sshd]\n#ignoreip = 1.1.1.1\n; ignoreip = 2.2.2.2\nignoreip = 3.3.3.3\n",
+    ],
+)
+def test_the_ignoreip_scan_reads_a_jail_file_as_fail2bans_own_parser_does(tmp_path, text):
+    """The module keeps each jail's other addresses (%(known/ignoreip)s) only where its scan
+    finds an ignoreip: compared with the installed fail2ban's parser, run under its interpreter
+    (option names in any case; "[sshd ]" is a section of its own)."""
+    path = tmp_path / "jail.local"
+    path.write_text(text)
+    interpreter = Path(shutil.which("fail2ban-client")).read_text().splitlines()[0][2:].split()
+    probe = (
+        "import json, sys\n"
+        "from fail2ban.client.configparserinc import SafeConfigParserWithIncludes as P\n"
+        "p = P(); p.read([sys.argv[1]])\n"
+        "out = {s: p.get(s, 'ignoreip').split() for s in p.sections() if p.has_option(s, 'ignoreip')}\n"
+        "d = p.defaults(); out.update({'DEFAULT': d['ignoreip'].split()} if 'ignoreip' in d else {})\n"
+        "print(json.dumps(out))\n"
+    )
+    theirs = json.loads(subprocess.run([*interpreter, "-c", probe, str(path)], capture_output=True,
+                                       text=True, check=True).stdout)  # fmt: skip
+    ours = f2b.scan_ignoreip([text])
+    # fail2ban's sections inherit the DEFAULT's ignoreip; the scan keeps it apart (base_ignoreip
+    # falls back to it), so compare a section's own value where it sets one.
+    assert ours.get("DEFAULT") == theirs.get("DEFAULT")
+    for section, value in ours.items():
+        assert theirs[section] == value, (section, theirs)
+    assert {s for s in theirs if theirs[s] != theirs.get("DEFAULT")} <= set(ours)

@@ -120,6 +120,10 @@ def config_files(conf_dir, exclude=None):
     return [f for f in files if os.path.isfile(f) and os.path.realpath(f) != exclude]
 
 
+# fail2ban's config parser lower-cases option names: "IgnoreIP =" is ignoreip too.
+_IGNOREIP = re.compile(r"^ignoreip\s*[=:]\s*(.*)$", re.I)
+
+
 def scan_ignoreip(texts):
     """Last `ignoreip` value per section over config texts in read order.
 
@@ -135,14 +139,14 @@ def scan_ignoreip(texts):
                 continue
             head = re.match(r"^\[([^\]]+)\]\s*$", line)
             if head:
-                section = head.group(1).strip()
+                section = head.group(1)  # as fail2ban's parser reads it: "[sshd ]" is not sshd
                 current = None
                 continue
             if current is not None and line[:1] in (" ", "\t"):
                 found[current].extend(line.split())
                 continue
             current = None
-            opt = re.match(r"^ignoreip\s*[=:]\s*(.*)$", line)
+            opt = _IGNOREIP.match(line)
             if opt and section is not None:
                 found[section] = opt.group(1).split()
                 current = section
@@ -202,7 +206,7 @@ def parse_managed(text):
     """Addresses listed in the managed file, in first-seen order, without duplicates."""
     order = []
     for line in text.splitlines():
-        m = re.match(r"^ignoreip\s*[=:]\s*(.*)$", line)
+        m = _IGNOREIP.match(line)
         if m:
             for token in m.group(1).split():
                 if token != KNOWN and token not in order:

@@ -63,6 +63,19 @@ def test_scan_ignoreip_follows_read_order_sections_and_continuations():
     assert f2b.scan_ignoreip(texts[:2])["DEFAULT"] == ["127.0.0.1/8", "::1", "10.0.0.1"]
 
 
+def test_option_names_are_read_in_any_case_as_fail2ban_reads_them():
+    """fail2ban's parser lower-cases option names: a jail's "IgnoreIP =" must be kept
+    (%(known/ignoreip)s), not taken for a jail with no ignoreip (its addresses dropped)."""
+    found = f2b.scan_ignoreip(["[sshd]\nIgnoreIP = 10.1.1.1\n  10.1.1.2\n[DEFAULT]\nIGNOREIP: ::1\n"])
+    assert found == {"sshd": ["10.1.1.1", "10.1.1.2"], "DEFAULT": ["::1"]}
+    assert f2b.parse_managed("[sshd]\nIgnoreIp = %(known/ignoreip)s 3.3.3.3\n") == ["3.3.3.3"]
+
+
+def test_section_names_are_taken_as_fail2ban_takes_them():
+    """fail2ban's parser keeps "[sshd ]" as a section of its own: its ignoreip is not sshd's."""
+    assert f2b.scan_ignoreip(["[sshd ]\nignoreip = 9.9.9.9\n[sshd]\nenabled = true\n"]) == {"sshd ": ["9.9.9.9"]}
+
+
 def test_base_ignoreip_excludes_the_managed_file(tmpdir):
     tmpdir.mkdir("jail.d")
     tmpdir.join("jail.conf").write("[DEFAULT]\n#ignoreip = 127.0.0.1/8\n")
