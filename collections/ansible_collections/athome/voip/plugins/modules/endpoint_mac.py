@@ -80,6 +80,7 @@ options:
         failed, is not forgotten; the next run finds the files already changed
         (C(changed=false)) and RV(monitor_pending) true, and notifies.
       - Empty means no such file (nothing remembers a missed notification).
+    version_added: "1.2.0"
     type: path
     default: ""
 extends_documentation_fragment:

@@ -116,6 +116,7 @@ options:
         dated by the first run with I(expire_days) set. The address of the run itself never
         expires; requested again when it was due, it is dated anew.
       - Addresses that other config files whitelist stay in those jails' runtime lists.
+    version_added: "1.2.0"
     type: int
     default: 0
 extends_documentation_fragment:
